@@ -1,0 +1,129 @@
+"""Issue 5: `nbs/99_run_training.ipynb` executed headless (papermill) and driven in a real browser (JupyterLab +
+headless Chromium via Playwright), both on ../shared/data/food-101-mini with a tiny CPU configuration."""
+import json, os, re, shutil, signal, subprocess, sys, time, urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / 'nbs' / '99_run_training.ipynb'
+MINI = ROOT.parent / 'shared' / 'data' / 'food-101-mini'
+CHROMIUM = Path('/usr/bin/chromium')
+
+
+def tiny_params(work: Path, autorun: bool) -> dict:
+    "The tiny configuration: 1 epoch on 3 images per class, random init, CPU, no workers."
+    return dict(data_dir=str(MINI), model_name='mobilenet_v2', epochs=1, batch_size=8, learning_rate=1e-3,
+                pretrained=False, mixed_precision=False, max_per_class=3, autorun=autorun, work_dir=str(work),
+                num_workers=0)
+
+
+@pytest.fixture(autouse=True)
+def _needs_data():
+    if not MINI.is_dir(): pytest.skip(f"food-101-mini not found at {MINI}")
+
+
+def _outputs(nb: dict):
+    for c in nb['cells']:
+        for o in c.get('outputs', []): yield c, o
+
+
+def test_notebook_headless(tmp_path):
+    "autorun=True: trains, then shows curves, confusion matrix and predictions as images, and the MLflow run id."
+    import papermill as pm
+    from mlflow import MlflowClient
+    out = tmp_path / 'executed.ipynb'
+    pm.execute_notebook(str(NB), str(out), parameters=tiny_params(tmp_path / 'work', autorun=True), cwd=str(tmp_path),
+                        kernel_name='python3', execution_timeout=900, progress_bar=False)
+    nb = json.loads(out.read_text())
+    errors = [o for _, o in _outputs(nb) if o['output_type'] == 'error']
+    assert not errors, errors
+    pngs = [o for _, o in _outputs(nb) if 'image/png' in o.get('data', {})]
+    # curves read back from MLflow, the confusion matrix, the top-3 prediction bars
+    assert len(pngs) >= 3, f"expected >= 3 images, got {len(pngs)}"
+    text = ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/markdown', '')) for _, o in _outputs(nb))
+    assert 'Test split:' in text and 'worst classes' in text, text[-2000:]
+    run_id = re.search(r'MLflow run id: ([0-9a-f]{32})', text).group(1)
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
+    run = client.get_run(run_id)
+    assert run.info.status == 'FINISHED'
+    for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
+        assert [m.step for m in client.get_metric_history(run_id, k)] == [0], k
+
+
+def _wait_http(url: str, timeout: float, proc) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None: raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return
+        except OSError: time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    "A JupyterLab server on 127.0.0.1 serving `tmp_path`, stopped (whole process group) after the test."
+    port, token = free_port(), 'nutrilearn-test'
+    log = open(tmp_path / 'jupyterlab.log', 'wb')
+    cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ServerApp.ip=127.0.0.1', f'--ServerApp.port={port}',
+           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}', '--ServerApp.port_retries=0',
+           '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate']
+    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(tmp_path / '.jupyter'), 'JUPYTER_RUNTIME_DIR': str(tmp_path / '.runtime')}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        _wait_http(f'http://127.0.0.1:{port}/api/status?token={token}', 120, proc)
+        yield f'http://127.0.0.1:{port}', token
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            if proc.poll() is not None: break
+            os.killpg(proc.pid, sig)
+            try: proc.wait(wait)
+            except subprocess.TimeoutExpired: pass
+        log.close()
+
+
+def test_notebook_in_browser(tmp_path, jupyterlab):
+    "JupyterLab + headless Chromium: run all, the form renders, click Train, the confusion matrix appears."
+    if not CHROMIUM.exists():
+        if os.environ.get('CI'): pytest.fail(f"{CHROMIUM} missing: .ci/run must install Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI installs it")
+    import papermill as pm
+    from playwright.sync_api import sync_playwright, expect
+    pm.execute_notebook(str(NB), str(tmp_path / 'run.ipynb'), parameters=tiny_params(tmp_path / 'work', autorun=False),
+                        prepare_only=True)
+    base, token = jupyterlab
+    shot = tmp_path / 'notebook.png'
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+            '--disable-component-update', '--disable-sync'])
+        try:
+            page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+            page.goto(f'{base}/lab/tree/run.ipynb?token={token}', timeout=120_000)
+            page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=120_000)
+            page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"], .jp-Toolbar-kernelStatus', timeout=120_000)
+            page.get_by_role('menuitem', name='Run', exact=True).click()
+            page.get_by_role('menuitem', name='Run All Cells').click()
+            train = page.locator('.jupyter-widgets button', has_text='Train')
+            expect(train).to_be_visible(timeout=180_000)
+            expect(page.locator('.jupyter-widgets .widget-dropdown select')).to_have_value('mobilenet_v2')
+            expect(page.get_by_text('Press Train above to start.')).to_be_visible(timeout=120_000)
+            train.click()
+            # the results land in the form's output area: curves, then the confusion matrix, then predictions
+            expect(page.get_by_text('Test split:')).to_be_visible(timeout=600_000)
+            out_imgs = page.locator('.jupyter-widgets.widget-output img')
+            expect(out_imgs.nth(2)).to_be_visible(timeout=120_000)   # curves, confusion matrix, predictions
+            expect(page.get_by_text('MLflow run', exact=False).first).to_be_visible(timeout=60_000)
+            cm = out_imgs.nth(1)
+            cm.scroll_into_view_if_needed()
+            box = cm.bounding_box()
+            assert box and box['width'] > 300 and box['height'] > 300, box
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    assert list((tmp_path / 'work' / 'outputs').glob('v1/food_model_v1.pth'))
