@@ -214,6 +214,25 @@ def test_loader_settings_and_resumable_order():
     assert flat(resumed) == epochs[2]  # a run resumed at epoch 2 sees epoch 2's order
 
 
+
+def test_augmented_batches_are_resumable_and_worker_independent():
+    "Exact resume with workers: epoch e's augmented batches depend only on (seed, e), not on workers or history."
+    mini = need_mini()
+    def epochs(num_workers, start, stop):
+        tr = get_data_loaders(mini, 5, num_workers, max_per_class=2, seed=11, image_size=48)[0]
+        out = []
+        for e in range(start, stop):
+            set_loader_epoch(tr, e)
+            out.append([(xb.clone(), yb.clone()) for xb, yb in tr])
+        return out
+    straight = epochs(2, 0, 3)                    # one run, persistent workers
+    resumed = epochs(2, 2, 3)[0]                  # a fresh process resuming at epoch 2
+    single = epochs(0, 2, 3)[0]                   # the same epoch loaded in the main process
+    flat = lambda ep: (torch.cat([x for x, _ in ep]), torch.cat([y for _, y in ep]))
+    for other in (resumed, single):
+        assert torch.equal(flat(straight[2])[0], flat(other)[0]) and torch.equal(flat(straight[2])[1], flat(other)[1])
+    assert not torch.equal(flat(straight[1])[0], flat(straight[2])[0])
+
 # ---------------------------------------------------------------- a folder of every kind of bad and odd file
 
 @pytest.fixture

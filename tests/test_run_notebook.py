@@ -50,7 +50,7 @@ def test_notebook_headless(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == 'FINISHED'
     for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
-        assert [m.step for m in client.get_metric_history(run_id, k)] == [0], k
+        assert [m.step for m in client.get_metric_history(run_id, k)] == [1], k  # epochs count from 1
 
 
 def _wait_http(url: str, timeout: float, proc) -> None:
@@ -71,7 +71,7 @@ def jupyterlab(tmp_path):
     log = open(tmp_path / 'jupyterlab.log', 'wb')
     cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ServerApp.ip=127.0.0.1', f'--ServerApp.port={port}',
            f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}', '--ServerApp.port_retries=0',
-           '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate']
+           '--allow-root', '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate']
     env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(tmp_path / '.jupyter'), 'JUPYTER_RUNTIME_DIR': str(tmp_path / '.runtime')}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
     try:
@@ -105,24 +105,30 @@ def test_notebook_in_browser(tmp_path, jupyterlab):
             page = browser.new_page(viewport={'width': 1400, 'height': 1000})
             page.goto(f'{base}/lab/tree/run.ipynb?token={token}', timeout=120_000)
             page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=120_000)
-            page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"], .jp-Toolbar-kernelStatus', timeout=120_000)
+            expect(page.get_by_text('Python 3 (ipykernel) | Idle')).to_be_visible(timeout=120_000)  # kernel up
             page.get_by_role('menuitem', name='Run', exact=True).click()
-            page.get_by_role('menuitem', name='Run All Cells').click()
+            page.locator('li[data-command="runmenu:run-all"]').click()
             train = page.locator('.jupyter-widgets button', has_text='Train')
             expect(train).to_be_visible(timeout=180_000)
             expect(page.locator('.jupyter-widgets .widget-dropdown select')).to_have_value('mobilenet_v2')
-            expect(page.get_by_text('Press Train above to start.')).to_be_visible(timeout=120_000)
+            expect(page.locator('.jp-OutputArea-output pre', has_text='Press Train above to start.')).to_be_visible(timeout=120_000)
             train.click()
             # the results land in the form's output area: curves, then the confusion matrix, then predictions
-            expect(page.get_by_text('Test split:')).to_be_visible(timeout=600_000)
-            out_imgs = page.locator('.jupyter-widgets.widget-output img')
+            results = page.locator('.jupyter-widgets.widget-output')
+            expect(results.get_by_text('Test split:')).to_be_visible(timeout=600_000)
+            expect(results.locator('img.widget-image')).to_have_count(1)    # the live chart
+            out_imgs = results.locator('.jp-RenderedImage img')
             expect(out_imgs.nth(2)).to_be_visible(timeout=120_000)   # curves, confusion matrix, predictions
-            expect(page.get_by_text('MLflow run', exact=False).first).to_be_visible(timeout=60_000)
+            expect(results.get_by_text('MLflow run', exact=False).first).to_be_visible(timeout=60_000)
             cm = out_imgs.nth(1)
             cm.scroll_into_view_if_needed()
             box = cm.bounding_box()
             assert box and box['width'] > 300 and box['height'] > 300, box
             page.screenshot(path=str(shot), full_page=True)
+        except Exception:
+            page.screenshot(path=str(tmp_path / 'failure.png'), full_page=True)
+            print(f"screenshot of the failure: {tmp_path / 'failure.png'}\nJupyterLab log:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+            raise
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000

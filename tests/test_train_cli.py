@@ -150,3 +150,13 @@ def test_bad_arguments_and_data_give_one_line_errors(tmp_path):
         assert r.returncode == code and msg in r.stderr and 'Traceback' not in r.stderr, (extra, r.returncode, r.stderr)
     r = subprocess.run([sys.executable, '-m', 'nutrilearn_train.train', '--help'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and '--resume' in r.stdout
+
+
+def test_fresh_run_never_overwrites_an_earlier_runs_checkpoint(tmp_path):
+    "A fresh run (no --resume) in a checkpoint folder holding last.pth refuses to start, says how to go on, and leaves it as it was."
+    (tmp_path/'ck').mkdir(); (tmp_path/'ck/last.pth').write_bytes(b'an earlier run')
+    r = subprocess.run(cli_args(tmp_path, f'sqlite:///{tmp_path}/mlflow.db', 'cli-fresh', 1), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip() == (f"nutrilearn-train: error: the checkpoint folder {tmp_path/'ck'} already holds last.pth from an earlier run, which a "
+                                "fresh run would overwrite; continue that run with `--resume last`, or start a new one with another `--checkpoint-dir`")
+    assert (tmp_path/'ck/last.pth').read_bytes() == b'an earlier run' and not (tmp_path/'out').exists()
