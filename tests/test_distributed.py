@@ -103,6 +103,23 @@ def test_all_reduce_sums_through_a_real_gloo_group(gloo_group, values):
     assert all_reduce_sums(values, None) == all_reduce_sums(values, DistInfo()) == [float(v) for v in values]
 
 
+def test_ddp_accumulation_matches_one_big_batch(gloo_group):
+    "Under DDP, accumulating (gradients all-reduced only at the window's last batch) equals one big batch, and the reduced metrics match."
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    from nutrilearn_train.train import train_epoch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, generator=g); ds = TensorDataset(x, x[:, :3].argmax(1))
+    def run(model, bs, accum, dist):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = train_epoch(model, torch.utils.data.DataLoader(ds, batch_size=bs), nn.CrossEntropyLoss(), opt, 'cpu', 1,
+                        grad_accum_steps=accum, grad_clip_norm=0., progress=False, dist=dist)
+        return m, torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.manual_seed(0); plain = run(nn.Linear(12, 3), 16, 1, None)
+    torch.manual_seed(0); ddp = run(DistributedDataParallel(nn.Linear(12, 3)), 4, 4, gloo_group)
+    assert torch.allclose(plain[1], ddp[1], atol=1e-6) and math.isclose(plain[0][0], ddp[0][0], rel_tol=1e-6) and plain[0][1] == ddp[0][1]
+
+
 # ---------------------------------------------------------------- torchrun, as a user runs it
 
 def odd_tree(root:Path) -> Path:
