@@ -122,6 +122,31 @@ def test_ddp_accumulation_matches_one_big_batch(gloo_group):
 
 # ---------------------------------------------------------------- torchrun, as a user runs it
 
+def _nan_on_rank_1(rank, init_file, out_dir):
+    "One rank of a 2-process Gloo job: rank 1's loss is NaN, rank 0's is finite."
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel
+    from nutrilearn_train.train import _forward_backward
+    tdist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        lin = nn.Linear(4, 2)
+        class Net(nn.Module):
+            def __init__(self): super().__init__(); self.lin = lin
+            def forward(self, x): return self.lin(x) * (float('nan') if rank == 1 else 1.)
+        res = _forward_backward(DistributedDataParallel(Net()), torch.randn(4, 4), torch.tensor([0, 1, 0, 1]),
+                                nn.CrossEntropyLoss(), 1., 4, None, None, DistInfo(rank, 2, 0, active=True))
+        Path(out_dir, f'rank{rank}').write_text('skipped' if res is None else 'stepped')
+    finally: tdist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    "Ranks agree on a non-finite loss before backward, so none waits alone in DDP's gradient all-reduce."
+    import torch.multiprocessing as mp
+    mp.start_processes(_nan_on_rank_1, args=(str(tmp_path / 'pg'), str(tmp_path)), nprocs=2, start_method='spawn', join=True)
+    assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['skipped', 'skipped']
+
+
 def odd_tree(root:Path) -> Path:
     "train/<class>/ 2 images and val/<class>/ 1 image per class (2 for the first): 20 + 11 food-101-mini JPEGs, symlinked."
     imgs = MINI/'food-101/images'
