@@ -78,6 +78,12 @@ def _model():
     torch.manual_seed(0); return torch.nn.Sequential(torch.nn.Linear(4, 3))
 
 
+def _backbone():
+    "What training logs: a registered backbone (a journalled model is rebuilt from its name, never unpickled)."
+    from nutrilearn_train.models import build_model
+    torch.manual_seed(0); return build_model('mobilenet_v2', 3, pretrained=False)
+
+
 def _version_folder(root: Path) -> Path:
     d = root / 'outputs' / 'v1'; d.mkdir(parents=True)
     (d / 'class_to_idx.json').write_text(json.dumps({'pizza': 0, 'ramen': 1, 'sushi': 2}))
@@ -152,7 +158,7 @@ def test_outage_at_start_and_mid_run_loses_nothing(mlflow_server, tmp_path):
         proxy.stop(); t0 = time.monotonic()                  # server gone mid-run
         _log_epochs(t, [3])
         log_model_artifact(_version_folder(tmp_path), 'tiny', 1, tracker=t)
-        assert t.log_model(_model(), 'model', registered_model_name='tiny-outage', alias='champion') is None
+        assert t.log_model(_backbone(), 'model', registered_model_name='tiny-outage', alias='champion') is None
         assert time.monotonic() - t0 < 30 and t.offline
         assert [e['op'] for e in read_journal(t.journal_path)] == ['metrics', 'artifact', 'tags', 'model']
 
@@ -196,7 +202,7 @@ def test_replay_command_after_outage(mlflow_server, tmp_path):
         t.start(); t.log_params({'model_name': 'tiny', 'epochs': 3, 'batch_size': 8})
         t.set_tags({'dataset': 'food-101-mini'}); _log_epochs(t, range(3))
         log_model_artifact(_version_folder(tmp_path), 'tiny', 1, tracker=t)
-        t.log_model(_model(), 'model', registered_model_name='tiny-cli', alias='champion')
+        t.log_model(_backbone(), 'model', registered_model_name='tiny-cli', alias='champion')
         t.end()
         took = time.monotonic() - t0
     assert took < 60, took                                   # a dozen calls against a dead server
