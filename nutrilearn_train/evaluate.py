@@ -18,235 +18,16 @@ from matplotlib.figure import Figure
 from .config import DEVICES, get_device
 from .data import get_data_loaders, get_test_loader, load_image
 from .models import build_model
-from .train import load_model_config, load_saved_model, resolve_model_dir
+from .persistence import input_side, load_model_config, load_saved_model, resolve_model_dir
+from .metrics import (  # the pure metrics live in 02c_metrics (training uses them too); re-exported here
+    _check_logits, decode_logits, topk_accuracy, per_class_metrics, classification_report_rows, rank_classes, confusion_matrix,
+    normalize_rows, most_confused, save_most_confused, plot_confusion_matrix, generate_confusion_matrix, EvaluationResults,
+    results_from_logits, collect_predictions, evaluate_model, save_evaluation, evaluation_metrics)
 from .tracking import MLflowTracker
 
 # %% auto #0
-__all__ = ['decode_logits', 'topk_accuracy', 'per_class_metrics', 'classification_report_rows', 'rank_classes',
-           'confusion_matrix', 'normalize_rows', 'most_confused', 'save_most_confused', 'plot_confusion_matrix',
-           'generate_confusion_matrix', 'EvaluationResults', 'results_from_logits', 'collect_predictions',
-           'evaluate_model', 'most_confident_errors', 'plot_misclassified', 'save_evaluation', 'evaluation_metrics',
-           'log_evaluation', 'load_evaluation_model', 'parse_evaluate_args', 'format_report', 'main']
-
-# %% ../nbs/04_evaluate.ipynb #10fe3a2f
-def _check_logits(logits:torch.Tensor, targets:torch.Tensor, n_classes:int|None=None):
-    "Raise `ValueError` unless `logits` is (N, C), `targets` is N labels in `0..C-1` and C matches `n_classes`."
-    if logits.ndim != 2 or targets.ndim != 1 or len(logits) != len(targets):
-        raise ValueError(f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    if len(targets) == 0: raise ValueError("no samples to evaluate (0 predictions)")
-    if n_classes is not None and logits.shape[1] != n_classes:
-        raise ValueError(f"the model outputs {logits.shape[1]} classes but {n_classes} class names were given")
-    if targets.min() < 0 or targets.max() >= logits.shape[1]:
-        raise ValueError(f"targets must lie in 0..{logits.shape[1]-1}, got {int(targets.min())}..{int(targets.max())}")
-
-# %% ../nbs/04_evaluate.ipynb #d7239277
-def decode_logits(logits:torch.Tensor # (N, C) raw model outputs
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "The predicted class (N,) and the softmax probabilities (N, C) for `logits`."
-    if logits.ndim != 2: raise ValueError(f"expected logits of shape (N, C), got {tuple(logits.shape)}")
-    probs = F.softmax(logits.float(), dim=1)
-    return probs.argmax(1), probs
-
-# %% ../nbs/04_evaluate.ipynb #14531208
-def topk_accuracy(logits:torch.Tensor,  # (N, C) scores
-                  targets:torch.Tensor, # (N,) true class indices
-                  topk:Sequence[int]=(1, 5) # the `k`s to report
-                 ) -> list[float]:
-    "Top-k accuracy in [0, 1] for every `k` in `topk`."
-    _check_logits(logits, targets)
-    if any(k < 1 for k in topk): raise ValueError(f"every k must be >= 1, got {list(topk)}")
-    top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices   # (N, maxk), best first
-    hits = top == targets[:, None]
-    return [hits[:, :k].any(1).sum().item() / len(targets) for k in topk]
-
-# %% ../nbs/04_evaluate.ipynb #d2642aab
-def per_class_metrics(y_true:Sequence[int],   # true class indices
-                      y_pred:Sequence[int],   # predicted class indices
-                      class_names:Sequence[str] # index-ordered class names
-                     ) -> dict[str, dict[str, float]]:
-    "`{'precision'|'recall'|'f1'|'support': {class_name: value}}` for every class, present or not."
-    p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=range(len(class_names)), zero_division=0)
-    return {name: dict(zip(class_names, map(float, v))) for name, v in
-            (('precision', p), ('recall', r), ('f1', f), ('support', s))}
-
-# %% ../nbs/04_evaluate.ipynb #56bcdf7d
-def classification_report_rows(y_true:Sequence[int], y_pred:Sequence[int], class_names:Sequence[str]) -> list[dict]:
-    "scikit-learn's classification report as rows `{'class', 'precision', 'recall', 'f1', 'support'}`."
-    rep = skm.classification_report(y_true, y_pred, labels=range(len(class_names)), target_names=list(class_names),
-                                    output_dict=True, zero_division=0)
-    acc = rep.pop('accuracy', None)  # a bare float, unlike the other entries
-    rows = [{'class': k, 'precision': v['precision'], 'recall': v['recall'], 'f1': v['f1-score'], 'support': int(v['support'])}
-            for k, v in rep.items()]
-    if acc is not None: rows.append({'class': 'accuracy', 'precision': '', 'recall': '', 'f1': acc, 'support': len(y_true)})
-    return rows
-
-# %% ../nbs/04_evaluate.ipynb #834bde9e
-def rank_classes(f1:dict[str, float], # class name → F1
-                 k:int=5               # how many classes in each list
-                ) -> tuple[list, list]:
-    "The `k` worst `(class, f1)` pairs (lowest first) and the `k` best (highest first)."
-    order = sorted(f1.items(), key=lambda kv: (kv[1], kv[0]))
-    return order[:k], sorted(f1.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-
-# %% ../nbs/04_evaluate.ipynb #e942a935
-def confusion_matrix(y_true:Sequence[int], # true class indices
-                     y_pred:Sequence[int], # predicted class indices
-                     n_classes:int          # N: the matrix is N×N
-                    ) -> np.ndarray:
-    "Counts `cm[i, j]` of samples of true class `i` predicted as `j` (int64, N×N)."
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64).ravel(), np.asarray(y_pred, dtype=np.int64).ravel()
-    if len(y_true) != len(y_pred): raise ValueError(f"y_true and y_pred differ in length: {len(y_true)} vs {len(y_pred)}")
-    for name, y in (('y_true', y_true), ('y_pred', y_pred)):
-        if len(y) and (y.min() < 0 or y.max() >= n_classes):
-            raise ValueError(f"{name} must lie in 0..{n_classes-1}, got {y.min()}..{y.max()}")
-    if not len(y_true): return np.zeros((n_classes, n_classes), dtype=np.int64)
-    return skm.confusion_matrix(y_true, y_pred, labels=range(n_classes)).astype(np.int64)
-
-# %% ../nbs/04_evaluate.ipynb #f0f306db
-def normalize_rows(cm:np.ndarray) -> np.ndarray:
-    "Each row of `cm` divided by its sum (rows of an absent class stay 0)."
-    s = cm.sum(1, keepdims=True).astype(np.float64)
-    return np.divide(cm, s, out=np.zeros(cm.shape, dtype=np.float64), where=s > 0)
-
-# %% ../nbs/04_evaluate.ipynb #b501608e
-def most_confused(cm:np.ndarray,              # N×N counts
-                  class_names:Sequence[str],  # index-ordered class names
-                  k:int|None=None,            # keep the first `k` pairs (None: all)
-                  min_count:int=1             # ignore cells below this count
-                 ) -> list[tuple[str, str, int]]:
-    "`(true class, predicted class, count)` for off-diagonal cells, most frequent first."
-    if cm.shape != (len(class_names),) * 2:
-        raise ValueError(f"cm must be {len(class_names)}x{len(class_names)} for {len(class_names)} classes, got {cm.shape}")
-    i, j = np.nonzero((cm >= max(min_count, 1)) & ~np.eye(len(cm), dtype=bool))
-    order = sorted(zip(i, j), key=lambda ij: (-cm[ij], ij[0], ij[1]))[:k]
-    return [(class_names[a], class_names[b], int(cm[a, b])) for a, b in order]
-
-# %% ../nbs/04_evaluate.ipynb #87b7b67d
-def save_most_confused(cm:np.ndarray, class_names:Sequence[str], path:str|Path, k:int|None=50) -> Path:
-    "Write the `k` most confused pairs to CSV, with each pair's share of its true class."
-    rows, path = cm.sum(1), Path(path)
-    idx = {c: i for i, c in enumerate(class_names)}
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['true_class', 'predicted_class', 'count', 'share_of_true_class'])
-        for t, p, c in most_confused(cm, class_names, k): w.writerow([t, p, c, round(c / rows[idx[t]], 4)])
-    return path
-
-# %% ../nbs/04_evaluate.ipynb #2017f487
-def _cm_layout(n:int) -> tuple[float, float]:
-    "Figure side in inches and tick-label font size for an n-class matrix."
-    return max(6.0, 0.15 * n + 2.0), float(np.clip(700 / max(n, 1) / 1.2, 5, 10))
-
-def plot_confusion_matrix(cm:np.ndarray,             # N×N counts
-                          class_names:Sequence[str], # index-ordered class names
-                          normalize:bool=True,       # show per-true-class rates instead of counts
-                          title:str='Confusion matrix') -> Figure:
-    "A matplotlib `Figure` of `cm` sized so that every class label stays legible."
-    n = len(class_names)
-    side, fs = _cm_layout(n)
-    m = normalize_rows(cm) if normalize else cm
-    fig = Figure(figsize=(side, side * 0.92), layout='constrained')
-    ax = fig.add_subplot()
-    im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1 if normalize else max(int(m.max()), 1), interpolation='nearest')
-    fig.colorbar(im, ax=ax, shrink=0.6, pad=0.02, label='share of true class' if normalize else 'count')
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=fs)
-    ax.set_yticks(range(n), class_names, fontsize=fs)
-    ax.set_xlabel('predicted'); ax.set_ylabel('true'); ax.set_title(title)
-    if n <= 20:
-        for i, j in np.ndindex(m.shape):
-            ax.text(j, i, f"{m[i, j]:.2f}" if normalize else int(m[i, j]), ha='center', va='center', fontsize=fs - 1,
-                    color='white' if m[i, j] > (0.5 if normalize else m.max() / 2) else 'black')
-    return fig
-
-# %% ../nbs/04_evaluate.ipynb #96da9497
-def generate_confusion_matrix(y_true:Sequence[int],     # true class indices
-                              y_pred:Sequence[int],     # predicted class indices
-                              class_names:Sequence[str],# index-ordered class names
-                              save_path:str|Path,       # PNG to write (its folder is created)
-                              pairs_path:str|Path|None=None, # most-confused CSV (default: `most_confused.csv` beside the PNG)
-                              dpi:int=120) -> np.ndarray:
-    "Compute the confusion matrix, save it as a PNG plus a most-confused-pairs CSV; return the counts."
-    cm = confusion_matrix(y_true, y_pred, len(class_names))
-    save_path = Path(save_path); save_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_confusion_matrix(cm, class_names).savefig(save_path, dpi=dpi)
-    save_most_confused(cm, class_names, pairs_path or save_path.parent/'most_confused.csv')
-    return cm
-
-# %% ../nbs/04_evaluate.ipynb #8dbab142
-@dataclass
-class EvaluationResults:
-    "Metrics of one model on one split."
-    top1_accuracy: float                     # in [0, 1]
-    top5_accuracy: float                     # in [0, 1]
-    per_class_precision: dict[str, float]    # class name → precision
-    per_class_recall: dict[str, float]
-    per_class_f1: dict[str, float]
-    confusion_matrix: np.ndarray             # N×N counts, rows = true class
-    worst_classes: list                      # `(class, f1)` pairs, lowest F1 first
-    best_classes: list                       # `(class, f1)` pairs, highest F1 first
-    total_samples: int
-    inference_time_ms: float                 # model forward time per image
-    macro_f1: float = 0.0                    # mean of `per_class_f1`
-
-    def to_dict(self) -> dict:
-        "A JSON-serialisable dict of every field."
-        d = asdict(self)
-        d['confusion_matrix'] = np.asarray(self.confusion_matrix).tolist()
-        d['worst_classes'], d['best_classes'] = ([[c, float(f)] for c, f in v] for v in (self.worst_classes, self.best_classes))
-        return d
-
-    def save(self, path:str|Path) -> Path:
-        "Write `to_dict()` as indented JSON to `path`."
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
-
-# %% ../nbs/04_evaluate.ipynb #ea19d1e1
-def results_from_logits(logits:torch.Tensor,      # (N, C) scores for the whole split
-                        targets:torch.Tensor,     # (N,) true class indices
-                        class_names:Sequence[str],# index-ordered class names (C of them)
-                        inference_time_ms:float=0.0, # measured forward time per image
-                        k:int=5                   # length of the worst/best lists
-                       ) -> EvaluationResults:
-    "All metrics of `EvaluationResults` from a split's logits."
-    _check_logits(logits, targets, len(class_names))
-    top1, top5 = topk_accuracy(logits, targets, (1, 5))
-    y_true, y_pred = targets.numpy(), logits.argmax(1).numpy()
-    m = per_class_metrics(y_true, y_pred, class_names)
-    worst, best = rank_classes(m['f1'], k)
-    return EvaluationResults(top1, top5, m['precision'], m['recall'], m['f1'],
-                             confusion_matrix(y_true, y_pred, len(class_names)), worst, best, len(targets),
-                             float(inference_time_ms), float(np.mean(list(m['f1'].values()))))
-
-# %% ../nbs/04_evaluate.ipynb #6555d343
-def _sync(device:torch.device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
-def collect_predictions(model:torch.nn.Module, loader, device:str|torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    "Logits (N, C) and targets (N,) on the CPU for every batch of `loader`, and the forward time in seconds."
-    device = torch.device(device)
-    model.eval().to(device)
-    outs, targs, secs = [], [], 0.0
-    with torch.inference_mode():
-        for xb, yb in loader:
-            xb = xb.to(device, non_blocking=True)
-            _sync(device); t0 = time.perf_counter()
-            out = model(xb)
-            _sync(device); secs += time.perf_counter() - t0
-            outs.append(out.float().cpu()); targs.append(yb.cpu())
-    if not outs: raise ValueError("the loader yielded no batches: nothing to evaluate")
-    return torch.cat(outs), torch.cat(targs).long(), secs
-
-# %% ../nbs/04_evaluate.ipynb #56a29c40
-def evaluate_model(model:torch.nn.Module,   # a classifier returning (B, C) logits
-                   val_loader,              # yields `(images, labels)`, not shuffled
-                   device:str|torch.device, # where to run the model
-                   class_names:Sequence[str]# index-ordered class names
-                  ) -> EvaluationResults:
-    "Evaluate `model` on every batch of `val_loader`."
-    logits, targets, secs = collect_predictions(model, val_loader, device)
-    return results_from_logits(logits, targets, class_names, 1000 * secs / len(targets))
+__all__ = ['most_confident_errors', 'plot_misclassified', 'log_evaluation', 'load_evaluation_model', 'parse_evaluate_args',
+           'format_report', 'main']
 
 # %% ../nbs/04_evaluate.ipynb #e1ebe095
 def most_confident_errors(probs:torch.Tensor,   # (N, C) probabilities
@@ -278,26 +59,6 @@ def plot_misclassified(samples:Sequence[tuple],  # the dataset's `(path, label)`
                      color='firebrick' if pred != label else 'black')
     return fig
 
-# %% ../nbs/04_evaluate.ipynb #9cca5b0a
-def save_evaluation(results:EvaluationResults, output_dir:str|Path, class_names:Sequence[str],
-                    y_true:Sequence[int], y_pred:Sequence[int]) -> dict[str, Path]:
-    "Write the JSON, CSV report, confusion-matrix PNG and most-confused CSV; return their paths by name."
-    out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
-    files = dict(evaluation=results.save(out/'evaluation.json'), classification_report=out/'classification_report.csv',
-                 confusion_matrix=out/'confusion_matrix.png', most_confused=out/'most_confused.csv')
-    rows = classification_report_rows(y_true, y_pred, class_names)
-    with open(files['classification_report'], 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-    generate_confusion_matrix(y_true, y_pred, class_names, files['confusion_matrix'], files['most_confused'])
-    return files
-
-# %% ../nbs/04_evaluate.ipynb #f3b465ec
-def evaluation_metrics(results:EvaluationResults, prefix:str='test') -> dict[str, float]:
-    "The scalar metrics of `results`, keyed `{prefix}_top1`, `{prefix}_top5`, …"
-    return {f"{prefix}_top1": results.top1_accuracy, f"{prefix}_top5": results.top5_accuracy,
-            f"{prefix}_macro_f1": results.macro_f1, f"{prefix}_inference_ms": results.inference_time_ms,
-            f"{prefix}_samples": float(results.total_samples)}
-
 # %% ../nbs/04_evaluate.ipynb #8b3eb441
 def log_evaluation(results:EvaluationResults,
                    files:dict[str, Path]|Sequence[Path], # artifacts to attach (e.g. `save_evaluation`'s result)
@@ -326,7 +87,7 @@ def load_evaluation_model(model_dir:str|Path, # a version folder `v{N}` or the o
     "The saved model (eval mode, on `device`), its `model_config.json` dict and its version folder."
     mdir = resolve_model_dir(model_dir)
     mcfg = load_model_config(mdir)
-    model = load_saved_model(mdir / mcfg.get('weights_file', f"food_model_v{mcfg.get('version')}.pth"), mcfg)
+    model = load_saved_model(mdir / mcfg.get('weights_file', f"food_model_{mcfg.get('version')}.pth"), mcfg)
     return model.to(device), mcfg, mdir
 
 # %% ../nbs/04_evaluate.ipynb #431a5023
@@ -351,7 +112,7 @@ def _eval_loader(args, mcfg:dict):
     "The DataLoader for `args.split`, labelled with the model's own class indices."
     c2i, tc = {c: i for i, c in enumerate(mcfg['class_names'])}, mcfg.get('training_config') or {}
     # the training run's seed and split rebuild its validation set (also get_test_loader's fallback without a test split)
-    kw = dict(train_split=tc.get('train_split', 0.8), seed=tc.get('seed', 42), image_size=int(mcfg.get('input_size', 224)))
+    kw = dict(train_split=tc.get('train_split', 0.8), seed=tc.get('seed', 42), image_size=input_side(mcfg))
     if args.split == 'test':
         return get_test_loader(args.data_dir, args.batch_size, args.num_workers, class_to_idx=c2i,
                                     max_per_class=args.max_per_class, **kw)

@@ -17,7 +17,7 @@ from torch import nn
 from .config import DEVICES, default_tracking_uri, get_device
 from .data import IMAGENET_MEAN, IMAGENET_STD, BadImageError, build_val_transform, find_dataset, load_image
 from .models import build_model
-from .train import load_model_config, load_saved_model, resolve_model_dir
+from .persistence import input_side, load_model_config, load_saved_model, normalize_model_config, resolve_model_dir, version_number
 
 # %% auto #0
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predictions', 'build_inference_transform',
@@ -60,7 +60,7 @@ def build_inference_transform(config:dict # a `model_config.json` dict
         v = config.get(k, ref)
         if len(v) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(v, ref)):
             raise ValueError(f"model config {k} {list(v)} differs from the {k} {list(ref)} that data.build_val_transform applies")
-    return _val_transform(int(config.get('input_size', 224)), int(config.get('resize_size', 256)))
+    return _val_transform(input_side(config), int(config.get('resize_size', 256)))
 
 def preprocess_image(image,      # a path, raw bytes or a PIL image
                      config:dict # a `model_config.json` dict
@@ -160,7 +160,7 @@ class ExportResult:
 def _cpu_eval_copy(model:nn.Module) -> nn.Module: return copy.deepcopy(model).cpu().eval()
 
 def _check_batch(config:dict, n:int, seed:int=0) -> torch.Tensor:
-    s = int(config.get('input_size', 224))
+    s = input_side(config)
     return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
 
 def _max_abs_diff(run:Callable, model:nn.Module, xb:torch.Tensor) -> float:
@@ -273,7 +273,7 @@ class Predictor:
                  device:str|torch.device='cpu', version=None):
         self.model, self.config, self.device = forward, config, torch.device(device)
         self.class_names, self.model_name = list(config['class_names']), config.get('model_name')
-        self.version = config.get('version') if version is None else version
+        self.version = version_number(config) if version is None else version
         self.transform = build_inference_transform(config)
         self._lock = threading.Lock()
 
@@ -331,7 +331,7 @@ def _run_model_config(client, run_id:str, dst:str, version:str) -> dict:
     found = [load_model_config(client.download_artifacts(run_id, p, tempfile.mkdtemp(dir=dst))) for p in walk()]
     if not found: raise ValueError(f"run {run_id} has no model_config.json artifact, so the class list is unknown; log the artifacts folder with tracking.log_model_artifact")
     same = [mc for mc in found if str(mc.get('registered_model_version')) == version]
-    return (same or sorted(found, key=lambda mc: mc.get('version') or 0))[-1]
+    return (same or sorted(found, key=lambda mc: version_number(mc) or 0))[-1]
 
 # %% ../nbs/05_inference.ipynb #ce2b52ee
 def load_registered_model(ref,                      # see `parse_model_ref`
