@@ -4,15 +4,17 @@
 
 # %% ../nbs/02b_tracking.ipynb #01acfb41
 from __future__ import annotations
-import argparse, json, os, shutil, sys, threading, time, uuid, warnings
+import argparse, dataclasses, hashlib, json, os, shutil, sys, tempfile, threading, time, uuid, warnings
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 # %% auto #0
-__all__ = ['RUN_STATUSES', 'HTTP_LIMITS', 'Tracker', 'split_params', 'active_tracker', 'InMemoryTracker', 'NullTracker',
-           'log_training_metrics', 'log_model_artifact', 'bound_http_requests', 'is_transient', 'setup_mlflow',
-           'append_journal', 'read_journal', 'default_pip_requirements', 'replay_journal', 'MLflowTracker',
-           'replay_main', 'metric_history']
+__all__ = ['RUN_STATUSES', 'HTTP_LIMITS', 'JOURNAL_NAME', 'PROMOTE_MODES', 'Tracker', 'split_params', 'active_tracker',
+           'InMemoryTracker', 'NullTracker', 'EpochMetrics', 'log_training_metrics', 'log_model_artifact',
+           'bound_http_requests', 'is_transient', 'setup_mlflow', 'append_journal', 'read_journal',
+           'default_pip_requirements', 'replay_journal', 'MLflowTracker', 'GuardedTracker', 'data_fingerprint',
+           'promotion_decision', 'promote_version', 'previous_version', 'RegistryClient', 'promote_main', 'replay_main',
+           'metric_history']
 
 # %% ../nbs/02b_tracking.ipynb #635066c4
 @runtime_checkable
@@ -27,6 +29,10 @@ class Tracker(Protocol):
     def set_tags(self, tags:dict): ...
     def log_model(self, model, name:str, registered_model_name:Optional[str]=None, alias:Optional[str]=None,
                   pip_requirements:Optional[list]=None) -> Optional[int]: ...
+    def get_model_version(self, name:str, alias:str) -> Optional[dict]: ...  # {'version', 'tags', 'run_id'} or None
+    def set_model_alias(self, name:str, alias:str, version:int): ...
+    def tag_model_version(self, name:str, version:int, tags:dict, description:Optional[str]=None): ...
+    def log_dataset(self, name:str, digest:str, source:str, context:str='training'): ...
     def end(self, status:str='FINISHED'): ...
 
 # %% ../nbs/02b_tracking.ipynb #9350319e
@@ -80,9 +86,10 @@ def active_tracker() -> Tracker:
 # %% ../nbs/02b_tracking.ipynb #74c0f0f3
 class InMemoryTracker:
     "A `Tracker` that keeps everything in memory (tests, dry runs)."
-    def __init__(self):
+    def __init__(self, registry:Optional[dict]=None): # share one dict between trackers to emulate one model registry
         self.params, self.tags, self.metrics = {}, {}, {}  # metrics: key -> [(step, value), ...]
-        self.artifacts, self.models, self.status, self._run_id, self._versions = [], [], None, None, {}
+        self.artifacts, self.models, self.status, self._run_id, self.datasets = [], [], None, None, []
+        self.registry = {} if registry is None else registry  # name -> {'versions': {n: {'tags', 'description', 'run_id'}}, 'aliases': {}}
 
     @property
     def run_id(self): return self._run_id
@@ -125,7 +132,11 @@ def _(self, path, artifact_path=None): self._need_run(); self.artifacts.append((
 def _(self, model, name, registered_model_name=None, alias=None, pip_requirements=None):
     self._need_run(); _check_alias(registered_model_name, alias)
     version = None
-    if registered_model_name: version = self._versions[registered_model_name] = self._versions.get(registered_model_name, 0) + 1
+    if registered_model_name:
+        reg = self.registry.setdefault(registered_model_name, {'versions': {}, 'aliases': {}})
+        version = len(reg['versions']) + 1
+        reg['versions'][version] = {'tags': {}, 'description': None, 'run_id': self._run_id}
+        if alias: reg['aliases'][alias] = version
     self.models.append(dict(model=model, name=name, registered_model_name=registered_model_name, alias=alias, version=version))
     return version
 
@@ -134,6 +145,27 @@ def _(self, status='FINISHED'):
     _check_status(status)
     if self.status == 'RUNNING': self.status = status
     _clear_active(self)
+
+# %% ../nbs/02b_tracking.ipynb #8e558e26
+@_method(InMemoryTracker, 'get_model_version')
+def _(self, name, alias):
+    reg = self.registry.get(name) or {'aliases': {}}
+    v = reg['aliases'].get(alias)
+    return None if v is None else {'version': v, 'tags': dict(reg['versions'][v]['tags']), 'run_id': reg['versions'][v]['run_id']}
+
+@_method(InMemoryTracker, 'set_model_alias')
+def _(self, name, alias, version):
+    if int(version) not in (self.registry.get(name) or {'versions': {}})['versions']: raise ValueError(f"{name} has no version {version}")
+    self.registry[name]['aliases'][alias] = int(version)
+
+@_method(InMemoryTracker, 'tag_model_version')
+def _(self, name, version, tags, description=None):
+    v = self.registry[name]['versions'][int(version)]
+    v['tags'].update({str(k): str(x) for k, x in tags.items()})
+    if description is not None: v['description'] = description
+
+@_method(InMemoryTracker, 'log_dataset')
+def _(self, name, digest, source, context='training'): self._need_run(); self.datasets.append(dict(name=name, digest=digest, source=source, context=context))
 
 # %% ../nbs/02b_tracking.ipynb #f8661b9c
 class NullTracker:
@@ -145,7 +177,27 @@ class NullTracker:
     def log_artifact(self, path, artifact_path=None): pass
     def set_tags(self, tags): pass
     def log_model(self, model, name, registered_model_name=None, alias=None, pip_requirements=None): return None
+    def get_model_version(self, name, alias): return None
+    def set_model_alias(self, name, alias, version): pass
+    def tag_model_version(self, name, version, tags, description=None): pass
+    def log_dataset(self, name, digest, source, context='training'): pass
     def end(self, status='FINISHED'): _check_status(status)
+
+# %% ../nbs/02b_tracking.ipynb #f3875a2f
+@dataclasses.dataclass
+class EpochMetrics:
+    "One epoch's numbers, as the design names them."
+    epoch: int
+    train_loss: float
+    train_acc: float          # in [0, 1]
+    val_loss: float
+    val_acc: float            # in [0, 1]
+    learning_rate: float      # the optimizer's LR during the epoch
+    epoch_time: float = 0.0   # seconds
+
+    def metrics(self) -> dict:
+        "The values to log at `step=epoch`."
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'epoch'}
 
 # %% ../nbs/02b_tracking.ipynb #f0f7f550
 def log_training_metrics(epoch:int,                 # the step every metric is logged at
@@ -312,6 +364,27 @@ def _log_pytorch_model(uri:str, run_id:str, model, name:str, registered_model_na
     if alias and version is not None: client.set_registered_model_alias(registered_model_name, alias, str(version))
     return None if version is None else int(version)
 
+# %% ../nbs/02b_tracking.ipynb #e7c6dca9
+def _set_alias(client, name:str, alias:str, version):
+    client.set_registered_model_alias(name, alias, str(version))
+
+def _tag_version(client, name:str, version, tags:dict, description:Optional[str]=None):
+    for k, v in tags.items(): client.set_model_version_tag(name, str(version), k, str(v))
+    if description is not None: client.update_model_version(name, str(version), description=description)
+
+def _log_dataset(client, run_id:str, name:str, digest:str, source:str, context:str='training'):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    ds = Dataset(name=name, digest=digest[:36], source_type='local', source=json.dumps({'uri': source}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag('mlflow.data.context', context)])])
+
+def _version_by_alias(client, name:str, alias:str) -> Optional[dict]:
+    "The version `alias` points to (with tags and run id), or None when the model or the alias does not exist."
+    try: mv = client.get_model_version_by_alias(name, alias)
+    except Exception as e:
+        if getattr(e, 'error_code', None) in ('RESOURCE_DOES_NOT_EXIST', 'INVALID_PARAMETER_VALUE', 'NOT_FOUND'): return None
+        raise
+    return {'version': int(mv.version), 'tags': dict(mv.tags), 'run_id': mv.run_id}
+
 # %% ../nbs/02b_tracking.ipynb #ffe70bc2
 def _start_pending(client, e:dict, uri:str) -> str:
     "Create the run of a journalled `start` entry (or find the one an interrupted replay created)."
@@ -330,6 +403,9 @@ def _send(client, e:dict, run_id:str, uri:str, attempts:int):
     elif op == 'artifact': _with_backoff(lambda: _upload(client, run_id, e['path'], e.get('artifact_path')), attempts)
     elif op == 'model':
         _log_pytorch_model(uri, run_id, _load_spooled_model(e['path']), e['name'], e.get('registered_model_name'), e.get('alias'), e.get('pip_requirements'))
+    elif op == 'alias': _set_alias(client, e['name'], e['alias'], e['version'])
+    elif op == 'version_tags': _tag_version(client, e['name'], e['version'], e['tags'], e.get('description'))
+    elif op == 'dataset': _log_dataset(client, run_id, e['name'], e['digest'], e['source'], e.get('context', 'training'))
     elif op == 'end': client.set_terminated(run_id, e['status'], e['time'])
     else: raise ValueError(f"unknown journal op {op!r}; this journal was written by a newer nutrilearn_train?")
 
@@ -539,6 +615,30 @@ def _(self, model, name:str, registered_model_name:Optional[str]=None, alias:Opt
     send = lambda: _log_pytorch_model(self.tracking_uri, self._run_id, model, **names)
     return self._call('model', names, send, spool=lambda d: _spool_model(model, d))
 
+# %% ../nbs/02b_tracking.ipynb #a0edb25d
+@_method(MLflowTracker, 'get_model_version')
+def _(self, name:str, alias:str) -> Optional[dict]:
+    "`{'version', 'tags', 'run_id'}` of the version `alias` points to; None when unset. A read: raises, never journalled."
+    return _version_by_alias(self._client(), name, alias)
+
+@_method(MLflowTracker, 'set_model_alias')
+def _(self, name:str, alias:str, version:int):
+    "Point `alias` of registered model `name` at `version`."
+    self._call('alias', {'name': name, 'alias': alias, 'version': int(version)}, lambda: _set_alias(self._client(), name, alias, version))
+
+@_method(MLflowTracker, 'tag_model_version')
+def _(self, name:str, version:int, tags:dict, description:Optional[str]=None):
+    "Set tags (and the description) of a registered model version."
+    t = {str(k): str(v) for k, v in tags.items()}
+    self._call('version_tags', {'name': name, 'version': int(version), 'tags': t, 'description': description},
+               lambda: _tag_version(self._client(), name, version, t, description))
+
+@_method(MLflowTracker, 'log_dataset')
+def _(self, name:str, digest:str, source:str, context:str='training'):
+    "Record the run's dataset (name, fingerprint, source path) as an MLflow dataset input."
+    self._call('dataset', {'name': name, 'digest': digest, 'source': source, 'context': context},
+               lambda: _log_dataset(self._client(), self._run_id, name, digest, source, context))
+
 # %% ../nbs/02b_tracking.ipynb #fea1dcf7
 @_method(MLflowTracker, 'end')
 def _(self, status:str='FINISHED'):
@@ -554,11 +654,168 @@ def _(self, status:str='FINISHED'):
             warnings.warn(f"{left} tracking call(s) of run {self._run_id} are still journalled in {self.journal_path}; when "
                           f"the server is back run: nutrilearn-replay --journal {self.journal_path} --tracking-uri {self.tracking_uri}")
 
+# %% ../nbs/02b_tracking.ipynb #1e860000
+JOURNAL_NAME = 'mlflow_journal.jsonl'  # written in the checkpoint folder by training
+
+class GuardedTracker:
+    "A tracker whose calls never raise: failures are reported once, journalled for replay, and return a default."
+    def __init__(self, tracker,               # any `Tracker`
+                 journal_path,                # where failed calls go, e.g. CHECKPOINT_DIR/mlflow_journal.jsonl
+                 tracking_uri:str=''):        # named in the replay command
+        self.inner, self.journal_path, self.tracking_uri = tracker, Path(journal_path), tracking_uri
+        self.failures, self._pending = [], None   # failures: (op, 'Type: message') in order
+
+    @property
+    def run_id(self) -> Optional[str]: return self.inner.run_id or self._pending
+
+# %% ../nbs/02b_tracking.ipynb #d802748b
+@_method(GuardedTracker, '_guard')
+def _(self, op:str, payload:dict, call:Callable, default=None, spool:Optional[Callable]=None, journal:bool=True):
+    "`call()`, or on any exception: report (first time), journal `op` with `payload`, return `default`."
+    try: return call()
+    except Exception as e:
+        cause = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        self.failures.append((op, cause))
+        if len(self.failures) == 1:
+            warnings.warn(f"tracking call {op!r} failed ({cause}); training continues. Failed tracking calls are journalled to "
+                          f"{self.journal_path}; send them later with: nutrilearn-replay --journal {self.journal_path} "
+                          f"--tracking-uri {self.tracking_uri or 'URI'}", stacklevel=3)
+        if journal:
+            try: extra = spool(_sidecar(self.journal_path, '.files') / uuid.uuid4().hex) if spool else {}
+            except Exception: extra = {}   # e.g. a model the journal cannot rebuild: the call is still recorded
+            append_journal(self.journal_path, {'op': op, 'run_id': self.run_id, **payload, **extra})
+        return default
+
+# %% ../nbs/02b_tracking.ipynb #d171f097
+@_method(GuardedTracker, 'start')
+def _(self, run_name=None, run_id=None):
+    def failed():  # later calls are journalled against a pending run that a replay creates
+        self._pending = run_id or f"pending-{uuid.uuid4().hex}"
+        if not run_id: append_journal(self.journal_path, {'op': 'start', 'run_id': self._pending, 'run_name': run_name,
+                                                          'experiment_name': getattr(self.inner, 'experiment_name', 'food-101-classification')})
+    self._guard('start', {}, lambda: self.inner.start(run_name=run_name, run_id=run_id), journal=False)
+    if self.inner.run_id is None: failed()
+    return self.run_id
+
+for _op, _name, _keys in [('params', 'log_params', ('params',)), ('tags', 'set_tags', ('tags',)), ('end', 'end', ('status',)),
+                          ('alias', 'set_model_alias', ('name', 'alias', 'version')), ('dataset', 'log_dataset', ('name', 'digest', 'source', 'context')),
+                          ('version_tags', 'tag_model_version', ('name', 'version', 'tags', 'description'))]:
+    def _make(op, name, keys):
+        def f(self, *a, **kw):
+            payload = dict(zip(keys, a)) | kw
+            return self._guard(op, {k: (dict(v) if isinstance(v, dict) else v) for k, v in payload.items()}, lambda: getattr(self.inner, name)(*a, **kw))
+        f.__name__ = name; return f
+    setattr(GuardedTracker, _name, _make(_op, _name, _keys))
+
+# %% ../nbs/02b_tracking.ipynb #4982009f
+@_method(GuardedTracker, 'log_metrics')
+def _(self, metrics:dict, step:int):
+    self._guard('metrics', {'metrics': _check_metrics(metrics, step), 'step': step, 'timestamp': int(time.time() * 1000)},
+                lambda: self.inner.log_metrics(metrics, step))
+
+@_method(GuardedTracker, 'log_artifact')
+def _(self, path, artifact_path=None):
+    p = _existing(path)
+    self._guard('artifact', {'artifact_path': artifact_path}, lambda: self.inner.log_artifact(p, artifact_path), spool=lambda d: _spool_copy(p, d))
+
+@_method(GuardedTracker, 'log_model')
+def _(self, model, name, registered_model_name=None, alias=None, pip_requirements=None):
+    names = dict(name=name, registered_model_name=registered_model_name, alias=alias, pip_requirements=pip_requirements)
+    return self._guard('model', names, lambda: self.inner.log_model(model, **names), spool=lambda d: _spool_model(model, d))
+
+@_method(GuardedTracker, 'get_model_version')
+def _(self, name, alias, default=False):
+    "The version `alias` points to, None if unset, `default` (False: unknown) if the registry could not be read."
+    return self._guard('read', {}, lambda: self.inner.get_model_version(name, alias), default=default, journal=False)
+
+# %% ../nbs/02b_tracking.ipynb #abbf52e6
+PROMOTE_MODES = ('auto', 'always', 'never')
+
+def data_fingerprint(class_names:Sequence[str], # the model's classes, index order
+                     test_files:Sequence[str]   # test images as `class/file.jpg` (location-independent)
+                    ) -> str:
+    "sha256 over the class list and the sorted test-file list: equal fingerprints mean comparable test metrics."
+    payload = json.dumps({'classes': list(class_names), 'test_files': sorted(map(str, test_files))}, separators=(',', ':'))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+# %% ../nbs/02b_tracking.ipynb #32515231
+def promotion_decision(mode:str,                 # one of `PROMOTE_MODES`
+                       test_top1:float|None,     # the new version's test top-1
+                       fingerprint:str,          # the new version's `data_fingerprint`
+                       champion,                 # `{'version', 'tags'}`, None (no champion) or False (registry unreadable)
+                       subset:bool,              # True when --max-per-class was set
+                       margin:float=0.0) -> tuple:
+    "`(promote, reason)`: whether the new version should become champion, and why (stored as a tag)."
+    if mode not in PROMOTE_MODES: raise ValueError(f"promote {mode!r} is not supported; choose one of: {', '.join(PROMOTE_MODES)}")
+    if mode != 'auto': return mode == 'always', f"--promote {mode}"
+    if subset: return False, "subset run (--max-per-class is set): never promoted automatically; use nutrilearn-promote"
+    if champion is False: return False, "the current champion could not be read from the registry; promote by hand with nutrilearn-promote"
+    if champion is None: return True, "no champion yet"
+    v, tags = champion['version'], champion.get('tags') or {}
+    if test_top1 is None: return False, "this run has no test_top1 (test evaluation failed); not compared"
+    if tags.get('data_fingerprint') != fingerprint:
+        return False, f"different data than champion v{v} (test files or classes differ): test_top1 is not comparable"
+    if 'test_top1' not in tags: return False, f"champion v{v} has no test_top1 tag: not comparable"
+    old = float(tags['test_top1'])
+    if test_top1 > old + margin: return True, f"test_top1 {test_top1:.4f} beats champion v{v}'s {old:.4f} by more than {margin:g}"
+    return False, f"test_top1 {test_top1:.4f} does not beat champion v{v}'s {old:.4f} by more than {margin:g}" 
+
+# %% ../nbs/02b_tracking.ipynb #f1f081d6
+def promote_version(tracker,              # a `Tracker` with registry access (`MLflowTracker`, `InMemoryTracker`)
+                    name:str, version:int, alias:str='champion', reason:str='nutrilearn-promote',
+                    rollback:bool=False) -> Optional[int]: # a rollback keeps the target's own `replaced_version`
+    "Point `alias` at `version`, recording the version it replaced; returns that replaced version (None if none)."
+    old = tracker.get_model_version(name, alias)
+    old_v = old['version'] if old else None
+    if old_v == int(version): return old_v
+    tracker.set_model_alias(name, alias, int(version))
+    tags = {'promotion': 'promoted', 'promotion_reason': reason, 'promoted_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+    if old_v is not None and not rollback: tags['replaced_version'] = old_v
+    tracker.tag_model_version(name, int(version), tags)
+    return old_v
+
+def previous_version(tracker, name:str, alias:str='champion') -> int:
+    "The version the current `alias` holder replaced; `ValueError` when there is none."
+    cur = tracker.get_model_version(name, alias)
+    if not cur: raise ValueError(f"{name} has no {alias!r} alias yet; set one with nutrilearn-promote --version N")
+    prev = cur['tags'].get('replaced_version')
+    if not prev: raise ValueError(f"{name}@{alias} (version {cur['version']}) replaced no earlier version; pass --version N instead")
+    return int(prev)
+
+# %% ../nbs/02b_tracking.ipynb #a05e8a2f
+class RegistryClient:
+    "The registry half of a tracker, straight to MLflow (no run, no journal): what `nutrilearn-promote` uses."
+    def __init__(self, tracking_uri:str):
+        from mlflow import MlflowClient
+        self.client = MlflowClient(_check_uri(tracking_uri))
+    def get_model_version(self, name, alias): return _version_by_alias(self.client, name, alias)
+    def set_model_alias(self, name, alias, version): _set_alias(self.client, name, alias, version)
+    def tag_model_version(self, name, version, tags, description=None): _tag_version(self.client, name, version, tags, description)
+
+def promote_main(argv:Optional[list]=None) -> int:
+    "`nutrilearn-promote`: point the champion alias at a registered version, or roll it back."
+    ap = argparse.ArgumentParser(prog='nutrilearn-promote', description='Set or roll back the registry alias the backend loads.')
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument('--version', type=int, help='the registered version to promote')
+    which.add_argument('--previous', action='store_true', help='roll back to the version the current champion replaced')
+    ap.add_argument('--tracking-uri', required=True, help='the MLflow tracking URI holding the registry (e.g. http://127.0.0.1:5000)')
+    ap.add_argument('--name', default='nutrilearn-food101', help='registered model name (default: nutrilearn-food101)')
+    ap.add_argument('--alias', default='champion', help='the alias to move (default: champion)')
+    a = ap.parse_args(argv)
+    bound_http_requests()
+    try:
+        t = RegistryClient(a.tracking_uri)
+        v = previous_version(t, a.name, a.alias) if a.previous else a.version
+        old = promote_version(t, a.name, v, a.alias, 'rollback (nutrilearn-promote --previous)' if a.previous else 'nutrilearn-promote --version', rollback=a.previous)
+    except Exception as e: print(f"nutrilearn-promote: error: {' '.join(str(e).split())}", file=sys.stderr); return 1
+    print(f"{a.name}@{a.alias} -> version {v}" + (f" (was {old})" if old not in (None, v) else ''))
+    return 0
+
 # %% ../nbs/02b_tracking.ipynb #a38a7190
 def replay_main(argv:Optional[list]=None) -> int:
     "`nutrilearn-replay`: send a tracking journal written during an outage to MLflow."
     ap = argparse.ArgumentParser(prog='nutrilearn-replay', description='Replay a tracking journal written while MLflow was unreachable.')
-    ap.add_argument('--journal', required=True, help='the JSONL journal (e.g. CHECKPOINT_DIR/tracking_journal.jsonl)')
+    ap.add_argument('--journal', required=True, help=f'the JSONL journal training writes: CHECKPOINT_DIR/{JOURNAL_NAME}')
     ap.add_argument('--tracking-uri', required=True, help='the MLflow tracking URI to send it to')
     a = ap.parse_args(argv)
     if not Path(a.journal).exists():
