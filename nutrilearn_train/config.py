@@ -13,16 +13,17 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'default_tracking_uri', 'TrainingConfig',
-           'validate_config', 'config_to_dict', 'config_from_dict', 'parse_arguments', 'config_from_args', 'get_device',
-           'set_seed', 'seed_worker', 'make_generator']
+__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'FLAG_HELP',
+           'default_tracking_uri', 'TrainingConfig', 'validate_config', 'config_to_dict', 'config_from_dict',
+           'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker', 'make_generator']
 
 # %% ../nbs/00_config.ipynb #75589e77
 MODEL_NAMES = ('mobilenet_v2', 'efficientnet_b0', 'resnet50')
 DEVICES = ('auto', 'cuda', 'cpu', 'mps')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULERS = ('plateau', 'cosine', 'none')
+SCHEDULERS = ('reduce_on_plateau', 'plateau', 'cosine', 'none')  # plateau: an alias of the design's reduce_on_plateau
 DATA_PIPELINES = ('auto', 'cpu', 'gpu')  # auto: gpu when CUDA is available
+PROMOTE_MODES = ('auto', 'always', 'never')  # auto: gated on test top-1 over the same data (see tracking)
 
 # %% ../nbs/00_config.ipynb #5dcf2c44
 def default_tracking_uri(base:str|Path|None=None # folder holding `mlflow.db` (default: the working directory)
@@ -51,7 +52,7 @@ class TrainingConfig:
     learning_rate: float = 0.001
     weight_decay: float = 1e-4
     optimizer: str = 'adam'             # one of `OPTIMIZERS`
-    scheduler: str = 'plateau'          # ReduceLROnPlateau on val loss; one of `SCHEDULERS`
+    scheduler: str = 'reduce_on_plateau' # ReduceLROnPlateau on val loss; one of `SCHEDULERS`
     scheduler_patience: int = 3
     scheduler_factor: float = 0.5
     early_stopping_patience: int = 5
@@ -71,6 +72,8 @@ class TrainingConfig:
     max_per_class: Optional[int] = None # cap images per class (quick runs)
     registered_model_name: str = 'nutrilearn-food101'
     model_alias: str = 'champion'       # registry alias set on the new version
+    promote: str = 'auto'               # move model_alias to the new version: auto (gated), always, never
+    promote_margin: float = 0.0         # auto: test top-1 must beat the champion's by more than this
     grad_accum_steps: int = 1
     grad_clip_norm: float = 1.0
     keep_checkpoints: int = 3           # newest epoch checkpoints kept beside last.pth/best.pth
@@ -90,6 +93,8 @@ def validate_config(cfg:TrainingConfig):
     _one_of('optimizer', cfg.optimizer, OPTIMIZERS)
     _one_of('scheduler', cfg.scheduler, SCHEDULERS)
     _one_of('data_pipeline', cfg.data_pipeline, DATA_PIPELINES)
+    _one_of('promote', cfg.promote, PROMOTE_MODES)
+    _check(isinstance(cfg.promote_margin, (int, float)) and 0 <= cfg.promote_margin < 1, f"promote_margin must be in [0, 1), got {cfg.promote_margin!r}")
     for name in ('num_classes', 'epochs', 'batch_size', 'log_interval', 'grad_accum_steps', 'keep_checkpoints'):
         v = getattr(cfg, name)
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
@@ -122,6 +127,38 @@ def config_from_dict(d:dict) -> TrainingConfig:
     known = {f.name for f in fields(TrainingConfig)}
     return TrainingConfig(**{k: v for k, v in d.items() if k in known})
 
+# %% ../nbs/00_config.ipynb #1c8cc04e
+FLAG_HELP = dict(
+    model_name='backbone', num_classes='output classes (the data decides: its class count overrides this)',
+    pretrained='start from ImageNet weights (on by default; --no-pretrained starts from random weights, no download)',
+    freeze_layers='backbone stages to freeze: 0 none, -1 all, k the first k', epochs='maximum number of epochs',
+    batch_size='images per step (per process)', learning_rate='initial learning rate', weight_decay='L2 weight decay',
+    optimizer='optimizer', scheduler='learning-rate schedule (plateau = reduce_on_plateau)',
+    scheduler_patience='reduce_on_plateau: flat epochs before the LR drops', scheduler_factor='reduce_on_plateau: LR multiplier',
+    early_stopping_patience='stop after this many epochs without a validation-loss improvement (0: never)',
+    data_dir='folder holding food-101/ or an image-folder tree',
+    download='download Food-101 into DATA_DIR when it is missing (off by default; needs about 10 GB free)',
+    train_split='share of the training images used for training (the rest validates)', num_workers='DataLoader worker processes',
+    output_dir='where model artifacts go (v1/, v2/, …)', checkpoint_dir='where checkpoints and the tracking journal go',
+    log_interval='batches between progress-bar updates', experiment_name='MLflow experiment',
+    tracking_uri="MLflow tracking URI ('' = sqlite:///<working dir>/mlflow.db)", device='where to train',
+    mixed_precision='autocast on CUDA: bf16 where supported, else fp16 (off by default)', seed='random seed (data split, order, init)',
+    weights_path='local backbone state_dict used instead of downloading ImageNet weights',
+    max_per_class='cap images per class for quick runs (such runs are never promoted automatically)',
+    registered_model_name='MLflow registered model name', model_alias='registry alias the backend loads',
+    promote='move MODEL_ALIAS to the new version: auto (only if its test top-1 beats the current one on the same data), always, never',
+    promote_margin='auto: the test top-1 must beat the current version by more than this',
+    grad_accum_steps='batches whose gradients add up to one optimizer step', grad_clip_norm='clip gradients to this norm (0: no clipping)',
+    keep_checkpoints='newest epoch checkpoints kept besides last.pth and best.pth',
+    data_pipeline='decode and augment JPEGs on the cpu (workers) or the gpu (nvjpeg); auto = gpu when CUDA is available',
+    compile='torch.compile the model (off by default; slower first epoch)', sync_bn='SyncBatchNorm across processes under torchrun (off by default)')
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Defaults in the help, except on on/off switches, whose help says it in words."
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)): return action.help
+        return super()._get_help_string(action)
+
 # %% ../nbs/00_config.ipynb #703642b4
 def _flag(name): return '--' + name.replace('_', '-')
 
@@ -130,24 +167,18 @@ def parse_arguments(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     "Parse `nutrilearn-train` flags; defaults are `TrainingConfig`'s."
     d = TrainingConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog='nutrilearn-train', description='Train a Food-101 classifier with MLflow tracking.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--model-name', choices=MODEL_NAMES, default=d['model_name'].default)
-    p.add_argument('--device', choices=DEVICES, default=d['device'].default)
-    p.add_argument('--optimizer', choices=OPTIMIZERS, default=d['optimizer'].default)
-    p.add_argument('--scheduler', choices=SCHEDULERS, default=d['scheduler'].default)
-    p.add_argument('--data-pipeline', choices=DATA_PIPELINES, default=d['data_pipeline'].default,
-                   help='decode+augment JPEGs on the cpu (workers) or the gpu (nvjpeg); auto = gpu when CUDA is available')
+                                formatter_class=_HelpFormatter)
+    h = lambda name: FLAG_HELP.get(name, name.replace('_', ' '))
+    choices = dict(model_name=MODEL_NAMES, device=DEVICES, optimizer=OPTIMIZERS, scheduler=SCHEDULERS, data_pipeline=DATA_PIPELINES, promote=PROMOTE_MODES)
+    for name, allowed in choices.items(): p.add_argument(_flag(name), choices=allowed, default=d[name].default, help=h(name))
     flags = ('pretrained', 'mixed_precision', 'compile', 'sync_bn', 'download')
     for f in fields(TrainingConfig):
-        if f.name in ('model_name', 'device', 'optimizer', 'scheduler', 'data_pipeline') + flags: continue
+        if f.name in tuple(choices) + flags: continue
         typ = {'Optional[str]': str, 'Optional[int]': int}.get(f.type, {'int': int, 'float': float, 'str': str}.get(f.type, str))
-        p.add_argument(_flag(f.name), type=typ, default=f.default, metavar=f.name.upper())
-    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random init (no download)')
-    p.add_argument('--mixed-precision', action='store_true', help='autocast on CUDA (bf16 where supported, else fp16)')
-    p.add_argument('--download', action='store_true', help='download Food-101 (≈ 5 GB) into DATA_DIR if it is missing')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA; slower first epoch)')
-    p.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes under torchrun')
-    p.add_argument('--resume', default=None, help="checkpoint path, or 'last' for CHECKPOINT_DIR/last.pth")
+        p.add_argument(_flag(f.name), type=typ, default=f.default, metavar=f.name.upper(), help=h(f.name))
+    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help=h('pretrained'))
+    for name in flags[1:]: p.add_argument(_flag(name), action='store_true', help=h(name))
+    p.add_argument('--resume', default=None, help="continue a run: a checkpoint path, or 'last' for CHECKPOINT_DIR/last.pth")
     return p.parse_args(argv)
 
 # %% ../nbs/00_config.ipynb #cb69e1e8

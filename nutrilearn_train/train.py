@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import (
     TrainingConfig, OPTIMIZERS, SCHEDULERS, config_to_dict, config_from_dict, config_from_args, parse_arguments, get_device, set_seed)
 from .data import IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, RESIZE_SIZE, InsufficientSpaceError, set_loader_epoch
-from . import data, gpu_data, models, tracking
+from . import data, gpu_data, metrics, models, tracking
 from .persistence import (  # the artifact and checkpoint format lives in 02a_persistence; re-exported here
     MODEL_CONFIG_KEYS, CHECKPOINT_FORMAT, atomic_write, next_version, unwrap_state_dict, save_model_artifacts, resolve_model_dir,
     load_model_config, load_saved_model, get_rng_state, set_rng_state, checkpoint_state, check_free_space, save_checkpoint,
@@ -68,11 +68,11 @@ def build_optimizer(model:nn.Module, name:str='adam', # one of `OPTIMIZERS`
     return (torch.optim.Adam if name == 'adam' else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
 
 # %% ../nbs/03_train.ipynb #2913da03
-def build_scheduler(optimizer, name:str='plateau', # one of `SCHEDULERS`
+def build_scheduler(optimizer, name:str='reduce_on_plateau', # one of `SCHEDULERS` ('plateau' is an alias)
                     *, factor:float=0.5, patience:int=3, # plateau: lr × factor after `patience` flat epochs
                     epochs:int|None=None):               # cosine: the period
     "The learning-rate scheduler `name` for `optimizer` (None for 'none')."
-    if name == 'plateau': return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor, patience=patience)
+    if name in ('reduce_on_plateau', 'plateau'): return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor, patience=patience)
     if name == 'cosine':
         if not epochs: raise ValueError("the cosine scheduler needs epochs >= 1")
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -398,17 +398,18 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
             rollbacks += 1; epoch, history = _roll_back(e, good, model, optimizer, targets, rollbacks); continue
         broadcast_buffers(model, dist)         # every rank scores (and rank 0 saves) the same weights and BN statistics
         vl, va = validate(scored, val_loader, criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
-        rec = dict(epoch=epoch, train_loss=tl, train_acc=ta, val_loss=vl, val_acc=va, learning_rate=optimizer.param_groups[0]['lr'])
+        lr = optimizer.param_groups[0]['lr']
         step_scheduler(scheduler, vl)
-        improved, rec['epoch_time'] = early.step(vl, epoch, va), time.perf_counter() - t0
-        history.append(rec); stopped = early.should_stop
-        tracker.log_metrics({k: v for k, v in rec.items() if k != 'epoch'}, step=epoch)
+        improved = early.step(vl, epoch, va)
+        em = tracking.EpochMetrics(epoch, tl, ta, vl, va, lr, time.perf_counter() - t0)
+        rec = dataclasses.asdict(em); history.append(rec); stopped = early.should_stop
         if main:
             print(_summary(rec, cfg.epochs, improved, guard), flush=True)
             try: good = save_epoch_checkpoints(cfg.checkpoint_dir, model, optimizer, epoch, early.best_accuracy, improved=improved, keep=cfg.keep_checkpoints,
                                                history=history, run_id=tracker.run_id, stopped_early=stopped, **targets, **extra)
             except InsufficientSpaceError as e: warnings.warn(f"{e}; training continues without this epoch's checkpoint")
         elif dist.active: good = Path(cfg.checkpoint_dir)/'last.pth'  # rank 0's; written before the next epoch's first collective
+        tracker.log_metrics(em.metrics(), step=epoch)   # after the checkpoint: a tracking error cannot cost this epoch
         epoch += 1
     if stopped and main: print(f"early stopping: validation loss has not improved for {early.bad_epochs} epochs; "
                                f"best was {early.best_loss:.4f} at epoch {early.best_epoch}", flush=True)
@@ -446,22 +447,88 @@ def check_fresh_start(checkpoint_dir:str|Path) -> Path:
     return d
 
 # %% ../nbs/03_train.ipynb #3e4120bd
-def _finish(model, cfg:TrainingConfig, class_to_idx:dict, res:dict, tracker) -> Path:
-    "Restore the best weights, log and register the model, write and log the artifact folder."
-    best, best_acc = Path(cfg.checkpoint_dir)/'best.pth', res['best_accuracy']
+def _restore_selected(model, cfg:TrainingConfig, res:dict) -> tuple:
+    "Load the selected (lowest validation loss) epoch's weights into `model`; `(epoch, its val accuracy)` actually held."
+    best, sel_acc = Path(cfg.checkpoint_dir)/'best.pth', res['best_accuracy']
     ck = read_checkpoint(best) if res['best_epoch'] and best.is_file() else None
-    if ck is not None and ck['epoch'] == res['best_epoch']: restore_checkpoint(ck, model, restore_rng=False)
-    elif res['best_epoch'] and res['history']:  # a best.pth write failed or was interrupted: say so, report what is saved
-        best_acc = res['history'][-1]['val_acc']
+    if ck is not None and ck['epoch'] == res['best_epoch']: restore_checkpoint(ck, model, restore_rng=False); return res['best_epoch'], sel_acc
+    if res['best_epoch'] and res['history']:  # a best.pth write failed or was interrupted: say so, report what is saved
+        last = res['history'][-1]
         warnings.warn(f"{best} does not hold epoch {res['best_epoch']}'s weights (a checkpoint write failed or was interrupted); "
-                      f"saving the final weights (epoch {res['history'][-1]['epoch']}, val accuracy {best_acc:.2%}) instead")
+                      f"saving the final weights (epoch {last['epoch']}, val accuracy {last['val_acc']:.2%}) instead")
+        return last['epoch'], last['val_acc']
+    return res['best_epoch'], sel_acc
+
+def _update_model_config(vdir:Path, **kw) -> dict:
+    "Add `kw` to `vdir/model_config.json` (atomically)."
+    mc = {**json.loads((vdir/'model_config.json').read_text()), **kw}
+    atomic_write(vdir/'model_config.json', lambda f: f.write((json.dumps(mc, indent=2) + '\n').encode()), 'model config')
+    return mc
+
+# %% ../nbs/03_train.ipynb #4acde014
+def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, device) -> dict|None:
+    "Evaluate `model` on the held-out split, write its report into `vdir`; None (with a warning) if that fails."
+    names, found = sorted(class_to_idx, key=class_to_idx.get), data.find_dataset(cfg.data_dir)
+    split, t0 = 'test' if found and found.get('test') else 'val', time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # "no test split": said below, in our words
+            dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx=class_to_idx,
+                                      max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
+        logits, targets, secs = metrics.collect_predictions(model, dl, device)
+        res = metrics.results_from_logits(logits, targets, names, 1000 * secs / len(targets))
+        files = metrics.save_evaluation(res, vdir, names, targets.numpy(), logits.argmax(1).numpy())
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        warnings.warn(f"test evaluation skipped ({' '.join(str(e).split())[:300]}); the model is saved, without test metrics"); return None
+    rel = [f"{Path(p).parent.name}/{Path(p).name}" for p, _ in getattr(dl.dataset, 'samples', [])]
+    print(f"{split} split ({res.total_samples} images{'' if split == 'test' else ', no test split found'}): top-1 {res.top1_accuracy:.2%}  "
+          f"top-5 {res.top5_accuracy:.2%}  macro-F1 {res.macro_f1:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return dict(split=split, metrics=metrics.evaluation_metrics(res, 'test'), files=files, fingerprint=tracking.data_fingerprint(names, rel),
+                n=res.total_samples, seconds=time.perf_counter() - t0)
+
+# %% ../nbs/03_train.ipynb #0547d050
+def _promote(tracker, cfg:TrainingConfig, version:int, test:dict|None, fp:str) -> tuple:
+    "Tag and describe the new registered `version`, and move `cfg.model_alias` to it when the promotion rule allows."
+    name = cfg.registered_model_name
+    try: champ = tracker.get_model_version(name, cfg.model_alias)
+    except Exception: champ = False          # unreadable registry: never promote blindly
+    m = (test or {}).get('metrics') or {}
+    ok, why = tracking.promotion_decision(cfg.promote, m.get('test_top1'), fp, champ, cfg.max_per_class is not None, cfg.promote_margin)
+    tags = dict(data_fingerprint=fp, promotion='promoted' if ok else 'not promoted', promotion_reason=why, backbone=cfg.model_name,
+                evaluation_split=(test or {}).get('split', 'none'), **{k: f"{v:.6g}" for k, v in m.items() if k != 'test_samples'})
+    desc = (f"{cfg.model_name}, {cfg.num_classes} classes, data {Path(cfg.data_dir).resolve()}"
+            + (f" (max {cfg.max_per_class}/class)" if cfg.max_per_class else '')
+            + (f"; {test['split']} split of {test['n']} images: top-1 {m['test_top1']:.2%}, top-5 {m['test_top5']:.2%}, macro-F1 {m['test_macro_f1']:.3f}" if test else '; no test metrics')
+            + f"; promotion: {why}")
+    tracker.tag_model_version(name, version, tags, desc)
+    if ok: tracking.promote_version(tracker, name, version, cfg.model_alias, why)
+    print(f"registry: {name} version {version} is @challenger; " + (f"promoted to @{cfg.model_alias}" if ok else "not promoted") + f" ({why})", flush=True)
+    return ok, why
+
+# %% ../nbs/03_train.ipynb #0d144343
+def _finish(model, cfg:TrainingConfig, class_to_idx:dict, res:dict, tracker, device='cpu') -> Path:
+    "Write the artifact folder first, evaluate on the test split, then log, register and (gated) promote."
+    sel_epoch, sel_acc = _restore_selected(model, cfg, res)
     cpu_model = copy.deepcopy(_underlying(model)).to('cpu', memory_format=torch.contiguous_format).eval()
-    version = tracker.log_model(cpu_model, 'model', registered_model_name=cfg.registered_model_name, alias=cfg.model_alias)
-    vdir = save_model_artifacts(cpu_model, class_to_idx, cfg, output_dir=cfg.output_dir, best_accuracy=best_acc,
-                                extra=dict(mlflow_run_id=tracker.run_id, registered_model_name=cfg.registered_model_name,
-                                           registered_model_version=version))
-    for f in sorted(vdir.iterdir()): tracker.log_artifact(f, artifact_path='model_artifacts')
-    tracker.set_tags(dict(version=vdir.name, training_time=f"{sum(r['epoch_time'] for r in res['history']):.1f}s"))
+    best_val = max((r['val_acc'] for r in res['history']), default=sel_acc)   # the design: the run's best validation accuracy
+    vdir = save_model_artifacts(cpu_model, class_to_idx, cfg, output_dir=cfg.output_dir, best_accuracy=best_val,
+                                extra=dict(selected_epoch=sel_epoch, selected_val_accuracy=sel_acc, mlflow_run_id=tracker.run_id,
+                                           registered_model_name=cfg.registered_model_name, registered_model_version=None))
+    test = _evaluate_test(_underlying(model).eval(), cfg, class_to_idx, vdir, device)
+    fp = test['fingerprint'] if test else tracking.data_fingerprint(sorted(class_to_idx, key=class_to_idx.get), [])
+    _update_model_config(vdir, data_fingerprint=fp, evaluation_split=test and test['split'], **((test or {}).get('metrics') or {}))
+    # from here on only tracking: every call is isolated (GuardedTracker in train), the files above are complete
+    tracker.log_dataset(Path(cfg.data_dir).resolve().name, fp, str(Path(cfg.data_dir).resolve()))
+    if test:
+        tracker.log_metrics(test['metrics'], step=max([r['epoch'] for r in res['history']], default=0))
+        for f in test['files'].values(): tracker.log_artifact(f)
+    version = tracker.log_model(cpu_model, 'model', registered_model_name=cfg.registered_model_name, alias='challenger')
+    promoted = _promote(tracker, cfg, version, test, fp) if version else (False, 'model not registered (tracking failed); run nutrilearn-promote after nutrilearn-replay')
+    _update_model_config(vdir, registered_model_version=version, promoted=promoted[0], promotion_reason=promoted[1])
+    for f in sorted(vdir.iterdir()):
+        if f.suffix == '.pth' or f.name in ('class_to_idx.json', 'model_config.json'): tracker.log_artifact(f, artifact_path='model_artifacts')
+    tracker.set_tags(dict(version=vdir.name, training_time=f"{sum(r['epoch_time'] for r in res['history']):.1f}s",
+                          selected_epoch=sel_epoch, promotion='promoted' if promoted[0] else 'not promoted'))
     return vdir
 
 # %% ../nbs/03_train.ipynb #5370b97a
@@ -485,7 +552,7 @@ def train_params(cfg:TrainingConfig, train_loader, val_loader, world_size:int=1)
 
 def default_tracker(cfg:TrainingConfig) -> tracking.MLflowTracker:
     "MLflow at `cfg.tracking_uri`, journalling to `CHECKPOINT_DIR/mlflow_journal.jsonl` while it is unreachable."
-    return tracking.MLflowTracker(cfg.tracking_uri, cfg.experiment_name, journal_path=Path(cfg.checkpoint_dir)/'mlflow_journal.jsonl')
+    return tracking.MLflowTracker(cfg.tracking_uri, cfg.experiment_name, journal_path=Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME)
 
 # %% ../nbs/03_train.ipynb #f0d9015d
 def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist:DistInfo|None=None) -> nn.Module:
@@ -500,6 +567,17 @@ def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist
     if ddp: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     return model
 
+# %% ../nbs/03_train.ipynb #16ee44af
+@contextlib.contextmanager
+def _removed_if_failed(*folders):
+    "Within: if an exception escapes, remove those of `folders` that did not exist before and are still empty."
+    new = [Path(f) for f in folders if not Path(f).exists()]
+    try: yield
+    except BaseException:
+        for f in new:
+            with contextlib.suppress(OSError): f.rmdir()
+        raise
+
 # %% ../nbs/03_train.ipynb #1d49b5bd
 def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
           tracker=None,             # a `tracking.Tracker`; default `MLflowTracker(cfg.tracking_uri, …)`
@@ -510,14 +588,16 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
     if not resume: check_fresh_start(cfg.checkpoint_dir)   # never overwrite an earlier run's checkpoints
     ck_path = resolve_resume(resume, cfg.checkpoint_dir) if resume else None
     ck = read_checkpoint(ck_path) if ck_path else None   # under torchrun every rank loads the same checkpoint
-    check_writable(cfg.checkpoint_dir, 'checkpoint folder'); check_writable(cfg.output_dir, 'output folder')
-    dist = dist_from_env(); device = setup_distributed(dist, cfg.device); set_seed(cfg.seed)
-    train_dl, val_dl, c2i = make_loaders(cfg, device, dist)
-    cfg = dataclasses.replace(cfg, num_classes=len(c2i))   # the data decides
-    if ck: _check_resume(ck, cfg, c2i, ck_path)
-    model = prepare_model(cfg, len(c2i), device, dist)
+    with _removed_if_failed(cfg.checkpoint_dir, cfg.output_dir):   # a run that fails before training leaves no empty folders
+        check_writable(cfg.checkpoint_dir, 'checkpoint folder'); check_writable(cfg.output_dir, 'output folder')
+        dist = dist_from_env(); device = setup_distributed(dist, cfg.device); set_seed(cfg.seed)
+        train_dl, val_dl, c2i = make_loaders(cfg, device, dist)
+        cfg = dataclasses.replace(cfg, num_classes=len(c2i))   # the data decides
+        if ck: _check_resume(ck, cfg, c2i, ck_path)
+        model = prepare_model(cfg, len(c2i), device, dist)
+        tracker = (tracker or default_tracker(cfg)) if dist.is_main else tracking.NullTracker()  # one MLflow run per job
     if cfg.mixed_precision and device.type != 'cuda' and dist.is_main: print(f"note: mixed precision is a no-op on {device.type}; training in float32")
-    tracker = (tracker or default_tracker(cfg)) if dist.is_main else tracking.NullTracker()  # one MLflow run per job
+    tracker = tracking.GuardedTracker(tracker, Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME, cfg.tracking_uri)  # never fatal
     tracker.start(run_name=f"{cfg.model_name}-{datetime.now():%Y%m%d-%H%M%S}", run_id=ck.get('run_id') if ck else None)
     try:
         tracker.log_params(train_params(cfg, train_dl, val_dl, dist.world_size))
@@ -526,7 +606,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
                               **({'resumed_from_epoch': ck['epoch']} if ck else {})))
         res = fit(model, train_dl, val_dl, cfg, device=device, tracker=tracker, resume=ck, progress=progress, dist=dist,
                   extra_state=dict(class_to_idx=c2i, data_seed=cfg.seed))  # data order = f(data_seed, epoch)
-        vdir = _finish(model, cfg, c2i, res, tracker) if dist.is_main else None
+        vdir = _finish(model, cfg, c2i, res, tracker, device) if dist.is_main else None
         if dist.active: tdist.barrier()        # the other ranks wait while rank 0 logs and registers the model
     except KeyboardInterrupt: tracker.end('KILLED'); raise
     except BaseException: tracker.end('FAILED'); raise
