@@ -118,7 +118,12 @@ def _eval_loader(args, mcfg:dict):
                                     max_per_class=args.max_per_class, **kw)
     _, val_dl, val_c2i = get_data_loaders(args.data_dir, args.batch_size, args.num_workers,
                                           max_per_class=args.max_per_class or tc.get('max_per_class'), **kw)
-    if val_c2i != c2i: raise ValueError(f"the classes in {args.data_dir} differ from the model's {len(c2i)} classes")
+    if val_c2i != c2i:
+        only_data, only_model = sorted(set(val_c2i) - set(c2i)), sorted(set(c2i) - set(val_c2i))
+        diff = '; '.join(s for s in (only_data and f"only in the data: {', '.join(only_data[:10])}" + (' …' if len(only_data) > 10 else ''),
+                                     only_model and f"only in the model: {', '.join(only_model[:10])}" + (' …' if len(only_model) > 10 else '')) if s)
+        raise ValueError(f"the classes in {args.data_dir} differ from the model's {len(c2i)} classes ({diff or 'same names, another order'}); "
+                         "evaluate with the data the model was trained on")
     return val_dl
 
 # %% ../nbs/04_evaluate.ipynb #1f6a0894

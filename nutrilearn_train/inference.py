@@ -24,7 +24,7 @@ __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predic
            'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'load_exported',
            'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8', 'Predictor',
            'parse_model_ref', 'load_registered_model', 'predict_files', 'predict_main', 'default_export_path',
-           'export_main']
+           'require_export_extra', 'export_main']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
 def class_probabilities(logits:torch.Tensor # (n_classes,) or (B, n_classes) raw model outputs
@@ -329,7 +329,9 @@ def _run_model_config(client, run_id:str, dst:str, version:str) -> dict:
             if f.is_dir: yield from walk(f.path)
             elif Path(f.path).name == 'model_config.json': yield f.path
     found = [load_model_config(client.download_artifacts(run_id, p, tempfile.mkdtemp(dir=dst))) for p in walk()]
-    if not found: raise ValueError(f"run {run_id} has no model_config.json artifact, so the class list is unknown; log the artifacts folder with tracking.log_model_artifact")
+    if not found: raise ValueError(f"run {run_id} has no model_config.json artifact, so the class list is unknown; if that run was journalled during an "
+                                f"outage, send it with `nutrilearn-replay --journal CHECKPOINT_DIR/mlflow_journal.jsonl --tracking-uri {client.tracking_uri}`, "
+                                "otherwise retrain with `nutrilearn-train` (it uploads model_artifacts/ with the model)")
     same = [mc for mc in found if str(mc.get('registered_model_version')) == version]
     return (same or sorted(found, key=lambda mc: version_number(mc) or 0))[-1]
 
@@ -344,7 +346,9 @@ def load_registered_model(ref,                      # see `parse_model_ref`
     uri = tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or default_tracking_uri()
     client = mlflow.MlflowClient(uri)
     try: mv = client.get_model_version_by_alias(name, value) if kind == 'alias' else client.get_model_version(name, value)
-    except MlflowException as e: raise ValueError(f"cannot resolve {ref!r} in the registry at {uri}: {e.message}") from None
+    except MlflowException as e: raise ValueError(f"cannot resolve {ref!r} in the registry at {uri}: {e.message}; list its versions in the MLflow UI "
+                                              f"(`mlflow ui --backend-store-uri {uri}`) and point an alias at one with "
+                                              f"`nutrilearn-promote --version N --name {name} --tracking-uri {uri}`") from None
     with tempfile.TemporaryDirectory() as d:
         mc = _run_model_config(client, mv.run_id, d, str(mv.version))
         src = mv.source
@@ -424,6 +428,14 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument('--calibration-images', type=int, default=64, help='int8: how many calibration photos')
     return p
 
+# %% ../nbs/05_inference.ipynb #ec4f8574
+def require_export_extra(fmt:str='onnx'):
+    "Raise a `ValueError` saying how to install onnx/onnxruntime when they are missing (they are the optional `export` extra)."
+    try: import onnx, onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--format {fmt} needs onnx and onnxruntime, which are not installed ({e}); "
+                         'install them with: pip install "nutrilearn_train[export]"') from None
+
 # %% ../nbs/05_inference.ipynb #afeb475d
 def _int8(model, mc, out, a):
     data_dir = a.calibration_dir or (mc.get('training_config') or {}).get('data_dir')
@@ -436,6 +448,7 @@ def export_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     "`nutrilearn-export`: write and verify one exported model file."
     a = _export_parser().parse_args(argv)
     try:
+        if a.format in ('onnx', 'int8'): require_export_extra(a.format)
         model, mc = load_model_for_inference(a.model_dir, None, 'cpu')
         out = Path(a.output) if a.output else default_export_path(a.model_dir, mc, a.format)
         r = _int8(model, mc, out, a) if a.format == 'int8' else {'torchscript': export_torchscript, 'onnx': export_onnx}[a.format](model, mc, out)

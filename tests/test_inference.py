@@ -173,7 +173,7 @@ def trained(tmp_path_factory):
     r = run_cli('nutrilearn-train', '--data-dir', DATA, '--model-name', 'mobilenet_v2', '--no-pretrained', '--max-per-class', 3,
                 '--epochs', 1, '--batch-size', 8, '--num-workers', 0, '--device', 'cpu', '--output-dir', d/'outputs',
                 '--checkpoint-dir', d/'checkpoints', '--tracking-uri', uri, '--experiment-name', 'inference-test',
-                '--registered-model-name', 'food-test', '--model-alias', 'champion')
+                '--registered-model-name', 'food-test', '--model-alias', 'champion', '--promote', 'always')
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((DATA/'food-101/meta/test.json').read_text())
     test = [DATA/'food-101/images'/f'{rel}.jpg' for c in sorted(meta) for rel in meta[c]]

@@ -145,8 +145,8 @@ def test_artifacts_exist_and_parse(classes, version, best, model_name, earlier, 
         assert json.loads((vdir/'class_to_idx.json').read_text()) == c2i
         mc = load_model_config(vdir)
         assert (mc['model_name'], mc['num_classes'], mc['version'], mc['weights_file'], mc['mlflow_run_id']) == \
-               (model_name, len(classes), n, f'food_model_v{n}.pth', 'r')
-        assert mc['class_names'] == order and mc['best_accuracy'] == best and mc['input_size'] == 224
+               (model_name, len(classes), f'v{n}', f'food_model_v{n}.pth', 'r')
+        assert mc['class_names'] == order and mc['best_accuracy'] == best and mc['input_size'] == [224, 224]
         assert len(mc['mean']) == len(mc['std']) == 3 and mc['training_config']['model_name'] == model_name
         fresh = tiny_model(12, len(classes), seed=seed + 1)
         fresh.load_state_dict(torch.load(vdir/mc['weights_file'], weights_only=True))

@@ -24,7 +24,7 @@ def cli_args(d:Path, tracking_uri:str, name:str, epochs:int, *extra) -> list:
     return [str(BIN/'nutrilearn-train'), '--data-dir', str(MINI), '--model-name', 'mobilenet_v2', '--no-pretrained',
             '--max-per-class', '2', '--num-workers', '0', '--batch-size', '8', '--device', 'cpu', '--epochs', str(epochs),
             '--checkpoint-dir', str(d/'ck'), '--output-dir', str(d/'out'), '--tracking-uri', tracking_uri,
-            '--experiment-name', name, '--registered-model-name', name, '--seed', '7', *extra]
+            '--experiment-name', name, '--registered-model-name', name, '--seed', '7', '--promote', 'always', *extra]
 
 
 def run_cli(args:list, cwd:Path) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_real_server_then_resume_matches_a_straight_run(mlflow_server, tmp_path)
     run = client.get_run(run_id)
     assert run.info.status == 'FINISHED'
     assert {k: run.data.params[k] for k in ('model_name', 'learning_rate', 'batch_size', 'epochs', 'optimizer', 'scheduler')} == \
-           {'model_name': 'mobilenet_v2', 'learning_rate': '0.001', 'batch_size': '8', 'epochs': '2', 'optimizer': 'adam', 'scheduler': 'plateau'}
+           {'model_name': 'mobilenet_v2', 'learning_rate': '0.001', 'batch_size': '8', 'epochs': '2', 'optimizer': 'adam', 'scheduler': 'reduce_on_plateau'}
     assert run.data.tags['backbone'] == 'mobilenet_v2' and run.data.tags['version'] == 'v1' and 'training_time' in run.data.tags
     h2 = history(client, run_id)
     assert all([s for s, _ in h2[k]] == [1, 2] for k in METRICS), h2
@@ -95,7 +95,7 @@ def test_outage_journals_then_replay_delivers_everything(mlflow_server, tmp_path
     journal = tmp_path/'ck/mlflow_journal.jsonl'
     assert journal.is_file() and 'unreachable' in r.stderr, r.stderr[-2000:]
     ops = [json.loads(l)['op'] for l in journal.read_text().splitlines() if l.strip()]
-    assert ops.count('metrics') == 2 and 'params' in ops and ops.count('artifact') == 3 and 'model' in ops, ops
+    assert ops.count('metrics') == 2 and 'params' in ops and ops.count('artifact') == 7 and 'model' in ops and 'dataset' in ops, ops
     proxy.start()
     try:
         rp = subprocess.run([str(BIN/'nutrilearn-replay'), '--journal', str(journal), '--tracking-uri', proxy.uri],
@@ -108,7 +108,7 @@ def test_outage_journals_then_replay_delivers_everything(mlflow_server, tmp_path
         assert all([s for s, _ in history(client, run_id)[k]] == [1, 2] for k in METRICS)
         assert runs[0].data.params['model_name'] == 'mobilenet_v2' and runs[0].info.status == 'FINISHED'
         assert len(client.list_artifacts(run_id, 'model_artifacts')) == 3
-        assert client.get_model_version_by_alias(name, 'champion').run_id == run_id
+        assert client.get_model_version_by_alias(name, 'challenger').run_id == run_id   # promotion waits for nutrilearn-promote
     finally: proxy.stop()
 
 
