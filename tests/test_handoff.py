@@ -18,7 +18,7 @@ def need_data():
 
 
 def cli(d:Path, uri:str, name:str, *extra) -> list:
-    return [str(BIN/'nutrilearn-train'), '--data-dir', str(MINI), '--no-pretrained', '--max-per-class', '1', '--num-workers', '0',
+    return [str(BIN/'nutrilearn-train'), '--data-dir', str(MINI), '--no-pretrained', '--max-per-class', '2', '--num-workers', '0',
             '--batch-size', '10', '--device', 'cpu', '--epochs', '1', '--checkpoint-dir', str(d/'ck'), '--output-dir', str(d/'out'),
             '--tracking-uri', uri, '--experiment-name', name, '--registered-model-name', name, *extra]
 
@@ -80,7 +80,7 @@ def test_a_failure_in_any_tracker_method_is_not_fatal(bad, tmp_path):
             return object.__getattribute__(self, k)
 
     torch.set_num_threads(1)
-    cfg = TrainingConfig(data_dir=str(MINI), pretrained=False, max_per_class=1, num_workers=0, batch_size=10, epochs=1, device='cpu',
+    cfg = TrainingConfig(data_dir=str(MINI), pretrained=False, max_per_class=2, num_workers=0, batch_size=10, epochs=1, device='cpu',
                          checkpoint_dir=str(tmp_path/'ck'), output_dir=str(tmp_path/'out'), tracking_uri='sqlite:////unused/mlflow.db',
                          promote='always')
     t = Broken()
@@ -114,7 +114,7 @@ def test_gated_promotion_and_promote_cli(mlflow_server, tmp_path):
     assert client.get_model_version_by_alias(name, 'challenger').version == '3'
     assert v[1].tags['promotion'] == 'not promoted' and 'subset run' in v[1].tags['promotion_reason']
     assert v[2].tags['promotion'] == 'promoted' and len(v[2].tags['data_fingerprint']) == 64 and float(v[2].tags['test_top1']) >= 0
-    assert 'test split of 10 images' in v[2].description and 'mobilenet_v2' in v[2].description
+    assert 'test split of 20 images' in v[2].description and 'mobilenet_v2' in v[2].description
     run = client.get_run(v[2].run_id)
     assert run.inputs.dataset_inputs[0].dataset.name == 'food-101-mini'
     assert {'test_top1', 'test_top5', 'test_macro_f1'} <= set(run.data.metrics)
