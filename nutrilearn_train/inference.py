@@ -321,27 +321,13 @@ def parse_model_ref(ref # 'models:/<name>@<alias>', 'models:/<name>/<version>' o
     if '/' in rest and rest.rsplit('/', 1)[1].isdigit() and rest.rsplit('/', 1)[0]: return rest.rsplit('/', 1)[0], 'version', rest.rsplit('/', 1)[1]
     raise ValueError(f"model reference {ref!r} is not supported; use 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version:int)")
 
-# %% ../nbs/05_inference.ipynb #116562d5
-def _run_model_config(client, run_id:str, dst:str, version:str) -> dict:
-    "The `model_config.json` training uploaded to `run_id` (the one registered as `version` if there are several)."
-    def walk(path=None):
-        for f in client.list_artifacts(run_id, path):
-            if f.is_dir: yield from walk(f.path)
-            elif Path(f.path).name == 'model_config.json': yield f.path
-    found = [load_model_config(client.download_artifacts(run_id, p, tempfile.mkdtemp(dir=dst))) for p in walk()]
-    if not found: raise ValueError(f"run {run_id} has no model_config.json artifact, so the class list is unknown; if that run was journalled during an "
-                                f"outage, send it with `nutrilearn-replay --journal CHECKPOINT_DIR/mlflow_journal.jsonl --tracking-uri {client.tracking_uri}`, "
-                                "otherwise retrain with `nutrilearn-train` (it uploads model_artifacts/ with the model)")
-    same = [mc for mc in found if str(mc.get('registered_model_version')) == version]
-    return (same or sorted(found, key=lambda mc: version_number(mc) or 0))[-1]
-
 # %% ../nbs/05_inference.ipynb #ce2b52ee
 def load_registered_model(ref,                      # see `parse_model_ref`
                           tracking_uri:str|None=None # default: $MLFLOW_TRACKING_URI, else sqlite in the working directory
                          ) -> tuple[nn.Module, dict, int]:
     "The registered model (eval mode, CPU), its `model_config.json` dict and its registry version."
     name, kind, value = parse_model_ref(ref)
-    import mlflow, mlflow.pytorch  # only this function needs MLflow
+    import mlflow, mlflow.pyfunc  # only this function needs MLflow
     from mlflow.exceptions import MlflowException
     uri = tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or default_tracking_uri()
     client = mlflow.MlflowClient(uri)
@@ -349,12 +335,14 @@ def load_registered_model(ref,                      # see `parse_model_ref`
     except MlflowException as e: raise ValueError(f"cannot resolve {ref!r} in the registry at {uri}: {e.message}; list its versions in the MLflow UI "
                                               f"(`mlflow ui --backend-store-uri {uri}`) and point an alias at one with "
                                               f"`nutrilearn-promote --version N --name {name} --tracking-uri {uri}`") from None
-    with tempfile.TemporaryDirectory() as d:
-        mc = _run_model_config(client, mv.run_id, d, str(mv.version))
-        src = mv.source
-        if src.startswith('models:/m-'): src = client.get_logged_model(src[len('models:/'):]).artifact_location
-        model = mlflow.pytorch.load_model(mlflow.artifacts.download_artifacts(artifact_uri=src, tracking_uri=uri, dst_path=d), map_location='cpu')
-    return model.eval(), mc, int(mv.version)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    with _use_tracking_uri(uri):
+        src = f"models:/{name}/{mv.version}"
+        if mlflow.models.get_model_info(src).flavors.get('python_function', {}).get('loader_module') != 'mlflow.pyfunc.loaders.code_model':
+            raise ValueError(f"{name} version {mv.version} was logged as a pickled PyTorch module, which is not loaded (unpickling can run "
+                             "code); retrain with nutrilearn-train (it registers the serving pyfunc), or load its outputs/vN folder with Predictor.from_dir")
+        py = mlflow.pyfunc.load_model(src).unwrap_python_model()
+    return py.model.eval(), py.config, int(mv.version)
 
 def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto') -> Predictor:
     "A `Predictor` for a registered model version (`models:/<name>@<alias>` or `(name, version)`)."

@@ -12,9 +12,9 @@ from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 __all__ = ['RUN_STATUSES', 'HTTP_LIMITS', 'JOURNAL_NAME', 'PROMOTE_MODES', 'Tracker', 'split_params', 'active_tracker',
            'InMemoryTracker', 'NullTracker', 'EpochMetrics', 'log_training_metrics', 'log_model_artifact',
            'bound_http_requests', 'is_transient', 'setup_mlflow', 'append_journal', 'read_journal',
-           'default_pip_requirements', 'replay_journal', 'MLflowTracker', 'GuardedTracker', 'data_fingerprint',
-           'promotion_decision', 'promote_version', 'previous_version', 'RegistryClient', 'promote_main', 'replay_main',
-           'metric_history']
+           'default_pip_requirements', 'serving_pip_requirements', 'replay_journal', 'MLflowTracker', 'GuardedTracker',
+           'data_fingerprint', 'promotion_decision', 'promote_version', 'previous_version', 'RegistryClient',
+           'promote_main', 'replay_main', 'metric_history']
 
 # %% ../nbs/02b_tracking.ipynb #635066c4
 @runtime_checkable
@@ -364,6 +364,32 @@ def _log_pytorch_model(uri:str, run_id:str, model, name:str, registered_model_na
     if alias and version is not None: client.set_registered_model_alias(registered_model_name, alias, str(version))
     return None if version is None else int(version)
 
+def serving_pip_requirements() -> list:
+    "What serving the pyfunc needs besides this package (installed in the serving environment: `--env-manager local`)."
+    return ['torch>=2.2', 'torchvision>=0.17', 'Pillow>=9.5', 'pandas']
+
+def _log_pyfunc_model(uri:str, run_id:str, model_dir, name:str, registered_model_name=None, alias=None, pip_requirements=None) -> Optional[int]:
+    "Log the version folder `model_dir` as the models-from-code pyfunc of `nutrilearn_train/serving.py`, register it, set `alias`."
+    import importlib.util, mlflow, mlflow.pyfunc
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from nutrilearn_train.serving import pyfunc_artifacts, serving_signature
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    lm = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params)
+    code = importlib.util.find_spec('nutrilearn_train.serving').origin   # the file MLflow will execute to load the model
+    with _use_tracking_uri(uri):
+        info = mlflow.pyfunc.log_model(name=name, python_model=code, artifacts=pyfunc_artifacts(model_dir), signature=serving_signature(),
+                                       pip_requirements=pip_requirements or serving_pip_requirements(), model_id=lm.model_id,
+                                       registered_model_name=registered_model_name, await_registration_for=60)
+    version = info.registered_model_version
+    if alias and version is not None: client.set_registered_model_alias(registered_model_name, alias, str(version))
+    return None if version is None else int(version)
+
+def _log_any_model(uri, run_id, model, name, **kw) -> Optional[int]:
+    "A version folder (path) becomes the serving pyfunc; an `nn.Module` the PyTorch flavour."
+    if isinstance(model, (str, Path)): return _log_pyfunc_model(uri, run_id, model, name, **kw)
+    return _log_pytorch_model(uri, run_id, model, name, **kw)
+
 # %% ../nbs/02b_tracking.ipynb #e7c6dca9
 def _set_alias(client, name:str, alias:str, version):
     client.set_registered_model_alias(name, alias, str(version))
@@ -402,7 +428,9 @@ def _send(client, e:dict, run_id:str, uri:str, attempts:int):
     elif op == 'tags': _set_tags(client, run_id, e['tags'])
     elif op == 'artifact': _with_backoff(lambda: _upload(client, run_id, e['path'], e.get('artifact_path')), attempts)
     elif op == 'model':
-        _log_pytorch_model(uri, run_id, _load_spooled_model(e['path']), e['name'], e.get('registered_model_name'), e.get('alias'), e.get('pip_requirements'))
+        model = e['path'] if Path(e['path']).is_dir() else _load_spooled_model(e['path'])   # a spooled version folder, or weights
+        _log_any_model(uri, run_id, model, e['name'], registered_model_name=e.get('registered_model_name'), alias=e.get('alias'),
+                       pip_requirements=e.get('pip_requirements'))
     elif op == 'alias': _set_alias(client, e['name'], e['alias'], e['version'])
     elif op == 'version_tags': _tag_version(client, e['name'], e['version'], e['tags'], e.get('description'))
     elif op == 'dataset': _log_dataset(client, run_id, e['name'], e['digest'], e['source'], e.get('context', 'training'))
@@ -536,6 +564,10 @@ def _spool_model(model, folder:Path) -> dict:
     torch.save({'model_name': name, 'num_classes': n, 'state_dict': model.state_dict()}, dst)
     return {'path': str(dst)}
 
+def _spool_any(model, folder:Path) -> dict:
+    "A version folder is copied as it is; a module is saved as backbone + weights."
+    return _spool_copy(Path(model), folder) if isinstance(model, (str, Path)) else _spool_model(model, folder)
+
 def _load_spooled_model(path):
     "The model `_spool_model` saved. `weights_only=True`: a file planted beside a journal cannot run code."
     import torch
@@ -609,11 +641,11 @@ def _(self, path, artifact_path:Optional[str]=None):
 @_method(MLflowTracker, 'log_model')
 def _(self, model, name:str, registered_model_name:Optional[str]=None, alias:Optional[str]=None,
               pip_requirements:Optional[list]=None) -> Optional[int]:
-    "Log `model` as an MLflow PyTorch model, register a new version with `alias`; returns the version (None if journalled)."
+    "Log `model` (a version folder: the serving pyfunc; an `nn.Module`: PyTorch), register it with `alias`; the version (None if journalled)."
     _check_alias(registered_model_name, alias)
     names = dict(name=name, registered_model_name=registered_model_name, alias=alias, pip_requirements=pip_requirements)
-    send = lambda: _log_pytorch_model(self.tracking_uri, self._run_id, model, **names)
-    return self._call('model', names, send, spool=lambda d: _spool_model(model, d))
+    send = lambda: _log_any_model(self.tracking_uri, self._run_id, model, **names)
+    return self._call('model', names, send, spool=lambda d: _spool_any(model, d))
 
 # %% ../nbs/02b_tracking.ipynb #a0edb25d
 @_method(MLflowTracker, 'get_model_version')
@@ -721,7 +753,7 @@ def _(self, path, artifact_path=None):
 @_method(GuardedTracker, 'log_model')
 def _(self, model, name, registered_model_name=None, alias=None, pip_requirements=None):
     names = dict(name=name, registered_model_name=registered_model_name, alias=alias, pip_requirements=pip_requirements)
-    return self._guard('model', names, lambda: self.inner.log_model(model, **names), spool=lambda d: _spool_model(model, d))
+    return self._guard('model', names, lambda: self.inner.log_model(model, **names), spool=lambda d: _spool_any(model, d))
 
 @_method(GuardedTracker, 'get_model_version')
 def _(self, name, alias, default=False):

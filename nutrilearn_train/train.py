@@ -522,7 +522,7 @@ def _finish(model, cfg:TrainingConfig, class_to_idx:dict, res:dict, tracker, dev
     if test:
         tracker.log_metrics(test['metrics'], step=max([r['epoch'] for r in res['history']], default=0))
         for f in test['files'].values(): tracker.log_artifact(f)
-    version = tracker.log_model(cpu_model, 'model', registered_model_name=cfg.registered_model_name, alias='challenger')
+    version = tracker.log_model(vdir, 'model', registered_model_name=cfg.registered_model_name, alias='challenger')   # the serving pyfunc
     promoted = _promote(tracker, cfg, version, test, fp) if version else (False, 'model not registered (tracking failed); run nutrilearn-promote after nutrilearn-replay')
     _update_model_config(vdir, registered_model_version=version, promoted=promoted[0], promotion_reason=promoted[1])
     for f in sorted(vdir.iterdir()):

@@ -138,3 +138,37 @@ def test_export_without_the_export_extra(tmp_path):
     save_model_artifacts(build_model('mobilenet_v2', 2, pretrained=False), {'a': 0, 'b': 1}, TrainingConfig(num_classes=2, tracking_uri='sqlite:////x/m.db'), output_dir=tmp_path)
     r = run([sys.executable, '-c', code, tmp_path], tmp_path, 120)
     assert r.returncode == 2 and 'pip install "nutrilearn_train[export]"' in r.stderr, r.stderr[-2000:]
+
+
+def test_mlflow_models_serve_answers_with_top3(tmp_path):
+    "The registered pyfunc, served by `mlflow models serve` (a real process), answers a real JPEG like Predictor.from_registry."
+    import signal, time, urllib.request
+    from nutrilearn_train.inference import Predictor
+    from nutrilearn_train.serving import serving_request
+    uri, name = f"sqlite:///{tmp_path}/mlflow.db", 'handoff-serve'
+    r = run(cli(tmp_path, uri, name, '--promote', 'always'), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    photo = sorted((MINI/'food-101/images').glob('*/*.jpg'))[0]
+    want = Predictor.from_registry(f'models:/{name}@champion', tracking_uri=uri, device='cpu').predict(photo)
+    port = free_port()
+    with open(tmp_path/'serve.log', 'w') as log:
+        proc = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', f'models:/{name}@champion', '--env-manager', 'local',
+                                 '--host', '127.0.0.1', '--port', str(port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env={**ENV, 'MLFLOW_TRACKING_URI': uri}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path/'serve.log').read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f'http://127.0.0.1:{port}/ping', timeout=2) as p:
+                    if p.status == 200: break
+            except OSError: time.sleep(0.5)
+        req = urllib.request.Request(f'http://127.0.0.1:{port}/invocations', json.dumps(serving_request([photo], 3)).encode(),
+                                     {'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=60) as resp: got = json.loads(resp.read())['predictions']
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(15)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    assert len(got) == 1 and got[0]['classes'] == [c for c, _ in want], (got, want)
+    assert all(abs(a - b) < 1e-5 for a, (_, b) in zip(got[0]['probabilities'], want))
