@@ -4,7 +4,8 @@
 
 # %% ../nbs/05_inference.ipynb #0eb653b9
 from __future__ import annotations
-import argparse, copy, itertools, json, os, sys, tempfile, threading, warnings
+import argparse, copy, hashlib, io, itertools, json, os, sys, tempfile, threading, time, warnings
+from datetime import datetime, timezone
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,8 +24,9 @@ from .persistence import input_side, load_model_config, load_saved_model, normal
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predictions', 'build_inference_transform',
            'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'load_exported',
            'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8', 'Predictor',
-           'parse_model_ref', 'load_registered_model', 'predict_files', 'predict_main', 'default_export_path',
-           'require_export_extra', 'export_main']
+           'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route', 'RoutedPredictor',
+           'load_registered_model', 'predict_files', 'predict_main', 'default_export_path', 'require_export_extra',
+           'export_main']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
 def class_probabilities(logits:torch.Tensor # (n_classes,) or (B, n_classes) raw model outputs
@@ -270,8 +272,11 @@ class Predictor:
     "Top-k food predictions from a model loaded once; safe to call from many threads."
     def __init__(self, forward:Callable,  # `nn.Module` or `run(batch) -> logits`
                  config:dict,              # `model_config.json` dict (class_names, sizes, mean/std)
-                 device:str|torch.device='cpu', version=None):
+                 device:str|torch.device='cpu', version=None,
+                 log_path:str|Path|None=None, # append one JSON line per prediction here (see `prediction_record`)
+                 alias:str|None=None):        # the registry alias it was loaded by (logged)
         self.model, self.config, self.device = forward, config, torch.device(device)
+        self.log_path, self.alias = (Path(log_path) if log_path else None), alias
         self.class_names, self.model_name = list(config['class_names']), config.get('model_name')
         self.version = version_number(config) if version is None else version
         self.transform = build_inference_transform(config)
@@ -285,14 +290,38 @@ class Predictor:
         "Top-`top_k` `(class_name, probability)` lists for `images` (paths, bytes or PIL images), one forward pass."
         _check_top_k(top_k, len(self.class_names))
         if len(images) == 0: return []
+        t0 = time.perf_counter()
         xb = torch.stack([self.transform(load_image(im)) for im in images])
-        return [topk_predictions(row, self.class_names, top_k) for row in self.logits(xb)]
+        out = [topk_predictions(row, self.class_names, top_k) for row in self.logits(xb)]
+        if self.log_path: self._log(images, out, 1000 * (time.perf_counter() - t0) / len(images))
+        return out
 
     def predict(self, image, top_k:int=3) -> list:
         "Top-`top_k` `(class_name, probability)` pairs for one image."
         return self.predict_batch([image], top_k)[0]
 
     def __repr__(self): return f"Predictor({self.model_name!r}, version={self.version!r}, {len(self.class_names)} classes, {self.device})"
+
+# %% ../nbs/05_inference.ipynb #5c8fcb03
+def image_identity(image) -> tuple[str, int]:
+    "`(sha256 hex, size in bytes)` of an image given as a path, raw bytes or a PIL image (its pixels)."
+    raw = bytes(image) if isinstance(image, (bytes, bytearray)) else image.tobytes() if hasattr(image, 'tobytes') else Path(image).read_bytes()
+    return hashlib.sha256(raw).hexdigest(), len(raw)
+
+def prediction_record(predictor, image, preds:list, latency_ms:float) -> dict:
+    "The JSON-line dict logged for one prediction."
+    sha, size = image_identity(image)
+    return dict(time=datetime.now(timezone.utc).isoformat(timespec='milliseconds'), model=predictor.model_name, version=predictor.version,
+                alias=predictor.alias, top_k=[[c, round(float(p), 6)] for c, p in preds], latency_ms=round(float(latency_ms), 3),
+                image_sha256=sha, image_bytes=size)
+
+def _log(self, images, preds, latency_ms:float):
+    "Append one line per image to `self.log_path` (under the predictor's lock: lines never interleave)."
+    lines = ''.join(json.dumps(prediction_record(self, im, p, latency_ms)) + '\n' for im, p in zip(images, preds))
+    self.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with self._lock, open(self.log_path, 'a') as f: f.write(lines)
+
+Predictor._log = _log
 
 # %% ../nbs/05_inference.ipynb #882fdcc0
 def _from_dir(cls, model_dir:str|Path, # a version folder or the output folder (newest version)
@@ -321,6 +350,41 @@ def parse_model_ref(ref # 'models:/<name>@<alias>', 'models:/<name>/<version>' o
     if '/' in rest and rest.rsplit('/', 1)[1].isdigit() and rest.rsplit('/', 1)[0]: return rest.rsplit('/', 1)[0], 'version', rest.rsplit('/', 1)[1]
     raise ValueError(f"model reference {ref!r} is not supported; use 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version:int)")
 
+# %% ../nbs/05_inference.ipynb #96ef39d2
+def check_weights(weights:dict) -> dict:
+    "`weights` normalised to sum to 1; `ValueError` unless they are non-negative numbers with a positive sum."
+    if not isinstance(weights, dict) or not weights or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()) \
+       or sum(weights.values()) <= 0:
+        raise ValueError(f"routing weights must map aliases to non-negative numbers with a positive sum, e.g. "
+                         f"{{'champion': 0.9, 'challenger': 0.1}}; got {weights!r}")
+    total = sum(weights.values())
+    return {a: w / total for a, w in weights.items()}
+
+def route(key:str, weights:dict) -> str:
+    "The alias that answers request `key`: a stable sha256 bucket in [0, 1) against the cumulative weights."
+    shares, x = check_weights(weights), int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], 'big') / 2**64
+    acc = 0.0
+    for alias, w in shares.items():
+        acc += w
+        if x < acc and w > 0: return alias
+    return [a for a, w in shares.items() if w > 0][-1]   # x just below 1 and rounding
+
+# %% ../nbs/05_inference.ipynb #7a808504
+class RoutedPredictor:
+    "Predictors per alias; each request goes to `route(key, weights)`, and each answer is logged by the predictor that gave it."
+    def __init__(self, predictors:dict, weights:dict):
+        self.predictors, self.weights = predictors, check_weights(weights)
+        self.class_names = next(iter(predictors.values())).class_names
+
+    def predictor_for(self, key:str) -> Predictor: return self.predictors[route(key, self.weights)]
+
+    def predict(self, image, top_k:int=3, key:str|None=None) -> tuple:
+        "`(alias, version, top-k pairs)`: routed by `key` (default: the image's sha256)."
+        p = self.predictor_for(key if key is not None else image_identity(image)[0])
+        return p.alias, p.version, p.predict(image, top_k)
+
+    def __repr__(self): return f"RoutedPredictor({ {a: round(w, 3) for a, w in self.weights.items()} })" 
+
 # %% ../nbs/05_inference.ipynb #ce2b52ee
 def load_registered_model(ref,                      # see `parse_model_ref`
                           tracking_uri:str|None=None # default: $MLFLOW_TRACKING_URI, else sqlite in the working directory
@@ -344,11 +408,16 @@ def load_registered_model(ref,                      # see `parse_model_ref`
         py = mlflow.pyfunc.load_model(src).unwrap_python_model()
     return py.model.eval(), py.config, int(mv.version)
 
-def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto') -> Predictor:
-    "A `Predictor` for a registered model version (`models:/<name>@<alias>` or `(name, version)`)."
+def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_path=None,
+                   name:str='nutrilearn-food101') -> Predictor:  # the registered model, when `ref` is `{alias: weight}`
+    "A `Predictor` for a registered version, or a `RoutedPredictor` for `{alias: weight, …}` (A/B split)."
+    if isinstance(ref, dict):
+        check_weights(ref)
+        return RoutedPredictor({a: cls.from_registry(f"models:/{name}@{a}", tracking_uri, device, log_path) for a in ref}, ref)
     model, mc, version = load_registered_model(ref, tracking_uri)
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
-    return cls(model.to(dev), mc, dev, version=version)
+    kind, value = parse_model_ref(ref)[1:]
+    return cls(model.to(dev), mc, dev, version=version, log_path=log_path, alias=value if kind == 'alias' else None)
 
 Predictor.from_registry = classmethod(_from_registry)
 

@@ -172,3 +172,13 @@ def test_mlflow_models_serve_answers_with_top3(tmp_path):
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
     assert len(got) == 1 and got[0]['classes'] == [c for c, _ in want], (got, want)
     assert all(abs(a - b) < 1e-5 for a, (_, b) in zip(got[0]['probabilities'], want))
+
+    # A/B through the same registry (champion and challenger are both version 1 here), logged, then monitored
+    ab = Predictor.from_registry({'champion': 0.9, 'challenger': 0.1}, tracking_uri=uri, device='cpu', name=name, log_path=tmp_path/'pred.jsonl')
+    photos = sorted((MINI/'food-101/images').glob('*/*.jpg'))[:6]
+    answers = [ab.predict(p, key=f'user-{i}') for i, p in enumerate(photos)]
+    assert {v for _, v, _ in answers} == {1} and {a for a, _, _ in answers} <= {'champion', 'challenger'}
+    logged = [json.loads(l) for l in (tmp_path/'pred.jsonl').read_text().splitlines()]
+    assert [(r['alias'], r['version']) for r in logged] == [(a, v) for a, v, _ in answers]
+    m = run([BIN/'nutrilearn-monitor', tmp_path/'pred.jsonl', '--model-dir', tmp_path/'out', '--tracking-uri', uri], tmp_path, 120)
+    assert m.returncode == 0 and m.stdout.startswith('6 predictions') and 'JS drift' in m.stdout and 'mlflow: logged to run' in m.stdout, m.stdout + m.stderr
