@@ -15,7 +15,8 @@ import torch
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'FLAG_HELP',
            'default_tracking_uri', 'TrainingConfig', 'validate_config', 'config_to_dict', 'config_from_dict',
-           'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker', 'make_generator']
+           'HelpFormatter', 'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker',
+           'make_generator']
 
 # %% ../nbs/00_config.ipynb #75589e77
 MODEL_NAMES = ('mobilenet_v2', 'efficientnet_b0', 'resnet50')
@@ -153,10 +154,11 @@ FLAG_HELP = dict(
     data_pipeline='decode and augment JPEGs on the cpu (workers) or the gpu (nvjpeg); auto = gpu when CUDA is available',
     compile='torch.compile the model (off by default; slower first epoch)', sync_bn='SyncBatchNorm across processes under torchrun (off by default)')
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    "Defaults in the help, except on on/off switches, whose help says it in words."
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Defaults in the help, except on on/off switches (their help says it in words) and where there is none."
     def _get_help_string(self, action):
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)): return action.help
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.required or action.default is None:
+            return action.help
         return super()._get_help_string(action)
 
 # %% ../nbs/00_config.ipynb #703642b4
@@ -167,7 +169,7 @@ def parse_arguments(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     "Parse `nutrilearn-train` flags; defaults are `TrainingConfig`'s."
     d = TrainingConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog='nutrilearn-train', description='Train a Food-101 classifier with MLflow tracking.',
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     h = lambda name: FLAG_HELP.get(name, name.replace('_', ' '))
     choices = dict(model_name=MODEL_NAMES, device=DEVICES, optimizer=OPTIMIZERS, scheduler=SCHEDULERS, data_pipeline=DATA_PIPELINES, promote=PROMOTE_MODES)
     for name, allowed in choices.items(): p.add_argument(_flag(name), choices=allowed, default=d[name].default, help=h(name))

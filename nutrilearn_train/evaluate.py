@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 from matplotlib.figure import Figure
 
-from .config import DEVICES, get_device
+from .config import DEVICES, HelpFormatter, get_device
 from .data import get_data_loaders, get_test_loader, load_image
 from .models import build_model
 from .persistence import input_side, load_model_config, load_saved_model, resolve_model_dir
@@ -94,17 +94,17 @@ def load_evaluation_model(model_dir:str|Path, # a version folder `v{N}` or the o
 def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     "Parse `nutrilearn-evaluate` flags."
     p = argparse.ArgumentParser(prog='nutrilearn-evaluate', description='Evaluate saved model artifacts on Food-101.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--model-dir', required=True, help='a version folder v{N} or the output folder (newest version)')
     p.add_argument('--data-dir', required=True, help='folder holding food-101/ (or an image-folder tree)')
-    p.add_argument('--split', choices=('test', 'val'), default='test')
+    p.add_argument('--split', choices=('test', 'val'), default='test', help='held-out test split, or the validation part of the training images')
     p.add_argument('--output-dir', default=None, help='where results go (default: the model version folder)')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--num-workers', type=int, default=2)
-    p.add_argument('--device', choices=DEVICES, default='auto')
+    p.add_argument('--batch-size', type=int, default=64, help='images per forward pass')
+    p.add_argument('--num-workers', type=int, default=2, help='DataLoader worker processes')
+    p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     p.add_argument('--max-per-class', type=int, default=None, help='cap images per class (quick checks)')
     p.add_argument('--top-errors', type=int, default=0, help='also save a gallery of the N most confident mistakes')
-    p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run')
+    p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when its store answers)')
     return p.parse_args(argv)
 
 # %% ../nbs/04_evaluate.ipynb #df3167d3

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import DEVICES, default_tracking_uri, get_device
+from .config import DEVICES, HelpFormatter, default_tracking_uri, get_device
 from .data import IMAGENET_MEAN, IMAGENET_STD, BadImageError, build_val_transform, find_dataset, load_image
 from .models import build_model
 from .persistence import input_side, load_model_config, load_saved_model, normalize_model_config, resolve_model_dir, version_number
@@ -443,12 +443,13 @@ def _fail(prog:str, e:Exception, code:int=2) -> int:
     return code
 
 def _predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='nutrilearn-predict', description='Top-k Food-101 predictions for images, from saved model artifacts.')
+    p = argparse.ArgumentParser(prog='nutrilearn-predict', description='Top-k Food-101 predictions for images, from saved model artifacts.',
+                                formatter_class=HelpFormatter)
     p.add_argument('images', nargs='+', metavar='IMAGE', help='image files (JPEG, PNG, …)')
     p.add_argument('--model-dir', required=True, help='a version folder (outputs/v3) or the output folder (newest version)')
     p.add_argument('--top-k', type=int, default=3, help='predictions per image')
-    p.add_argument('--json', action='store_true', help='print one JSON list instead of text lines')
-    p.add_argument('--device', choices=DEVICES, default='auto')
+    p.add_argument('--json', action='store_true', help='print one JSON list instead of text lines (off by default)')
+    p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     return p
 
 # %% ../nbs/05_inference.ipynb #61d1443e
@@ -477,9 +478,10 @@ def default_export_path(model_dir:str|Path, config:dict, fmt:str) -> Path:
     return resolve_model_dir(model_dir)/(Path(config['weights_file']).stem + _SUFFIXES[fmt])
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='nutrilearn-export', description='Export saved model artifacts to TorchScript, ONNX or int8 ONNX.')
+    p = argparse.ArgumentParser(prog='nutrilearn-export', description='Export saved model artifacts to TorchScript, ONNX or int8 ONNX.',
+                                formatter_class=HelpFormatter)
     p.add_argument('--model-dir', required=True, help='a version folder (outputs/v3) or the output folder (newest version)')
-    p.add_argument('--format', required=True, choices=EXPORT_FORMATS)
+    p.add_argument('--format', required=True, choices=EXPORT_FORMATS, help='torchscript; onnx and int8 need pip install "nutrilearn_train[export]"')
     p.add_argument('--output', default=None, help='output file (default: next to the weights in the model dir)')
     p.add_argument('--calibration-dir', default=None, help="int8: dataset whose training photos calibrate (default: the model's data_dir)")
     p.add_argument('--calibration-images', type=int, default=64, help='int8: how many calibration photos')

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import tracking
+from .config import HelpFormatter
 from .persistence import load_model_config
 
 # %% auto #0
@@ -75,7 +76,7 @@ def plot_class_distribution(summary:dict, max_classes:int=30) -> Figure:
 # %% ../nbs/05a_monitoring.ipynb #e3251193
 def _monitor_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='nutrilearn-monitor', description='Summarise prediction logs (latency, confidence, drift) and log them to MLflow.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('logs', nargs='+', metavar='LOG', help='JSON-lines files written by Predictor(log_path=...)')
     p.add_argument('--model-dir', required=True, help='the version folder of the model (its class list and training distribution)')
     p.add_argument('--low-confidence', type=float, default=0.5, help='top-1 probability below which a prediction counts as low confidence')

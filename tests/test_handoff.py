@@ -182,3 +182,18 @@ def test_mlflow_models_serve_answers_with_top3(tmp_path):
     assert [(r['alias'], r['version']) for r in logged] == [(a, v) for a, v, _ in answers]
     m = run([BIN/'nutrilearn-monitor', tmp_path/'pred.jsonl', '--model-dir', tmp_path/'out', '--tracking-uri', uri], tmp_path, 120)
     assert m.returncode == 0 and m.stdout.startswith('6 predictions') and 'JS drift' in m.stdout and 'mlflow: logged to run' in m.stdout, m.stdout + m.stderr
+
+
+@pytest.mark.parametrize('cmd', ['nutrilearn-train', 'nutrilearn-evaluate', 'nutrilearn-predict', 'nutrilearn-export',
+                                 'nutrilearn-replay', 'nutrilearn-promote', 'nutrilearn-monitor'])
+def test_every_flag_has_help(cmd, tmp_path):
+    "Every option of every command has a help line; on/off switches never claim '(default: True/False)'."
+    r = run([BIN/cmd, '--help'], tmp_path, 60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split('options:')[1].splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith('  -') or line.startswith('  -h'): continue
+        rest = line.strip().split('  ', 1)
+        has_help = len(rest) == 2 and rest[1].strip() or (i + 1 < len(lines) and lines[i + 1].startswith(' ' * 20) and lines[i + 1].strip())
+        assert has_help, f"{cmd}: {line.strip()} has no help"
+    assert '(default: True)' not in r.stdout and '(default: False)' not in r.stdout
