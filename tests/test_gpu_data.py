@@ -265,7 +265,7 @@ def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path):
     "Through the loaders (scan='none': every bad file reaches a worker) each bad file is skipped once per pass with its name."
     _bad_tree(tmp_path)
     with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
+        warnings.simplefilter('always'); warnings.filterwarnings('ignore', category=DeprecationWarning)
         tr, va, c2i, tp, vp = get_gpu_data_loaders(tmp_path, 4, 0, device='cpu', train_split=0.5, seed=0, image_size=32, scan='none')
         n = sum(len(tp(b)[1]) for b in tr) + sum(len(vp(b)[1]) for b in va)
     assert n == 10  # 5 usable files x 2 classes
@@ -284,7 +284,7 @@ def test_corrupt_scan_data_is_decoded_or_skipped(cut, seed):
     broken = bytearray(good); pos = min(len(good) - 3, cut + 200)
     broken[pos:pos + 20] = rng.integers(0, 256, len(broken[pos:pos + 20]), dtype=np.uint8).tobytes()
     with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
+        warnings.simplefilter('always'); warnings.filterwarnings('ignore', category=DeprecationWarning)
         xb, yb = GPUBatchPipeline(False, 'cpu', 16, 20)([_as_item(good), _as_item(bytes(broken)), _as_item(good)], [0, 1, 2], ['g', 'broken.jpg', 'g'])
     assert yb.tolist() in ([0, 1, 2], [0, 2]) and len(xb) == len(yb)
     if len(yb) == 2: assert any('skipping bad image broken.jpg' in str(m.message) for m in w)
