@@ -531,10 +531,14 @@ def _bar(it, enabled:bool, **kw):
     except ImportError: pass
     return _NoBar(it)
 
+def _sum_dtype(device:torch.device):
+    "float64 for the epoch's device-side sums (exact counts), float32 where the device has no float64 (MPS)."
+    return torch.float32 if device.type == 'mps' else torch.float64
+
 def _read(sums:Tensor, events:list) -> tuple:
     "One host synchronisation: the epoch's device sums and the pending `(batch, bad, stepped)` verdicts as numbers."
     flags = [f for _, b, s in events for f in (b, b if s is None else s)]
-    vals = torch.cat([sums, torch.stack(flags).double()]) if flags else sums
+    vals = torch.cat([sums, torch.stack(flags).to(sums.dtype)]) if flags else sums
     vals = vals.tolist()
     return vals[:3], [(i, vals[3 + 2 * k] > 0, None if s is None else vals[4 + 2 * k] > 0) for k, (i, _, s) in enumerate(events)]
 
@@ -551,7 +555,7 @@ def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
     n, t0 = len(train_loader), time.perf_counter()
     if n == 0: raise ValueError("train_loader yields no batches; check the data folder and --batch-size")
     cuda_speedups(device); model.train(); optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss × images, correct, images: on the device all epoch
+    sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)   # loss × images, correct, images: on the device all epoch
     window_bad, events = torch.zeros((), dtype=torch.long, device=device), []
     bar = _bar(train_loader, progress, desc=f"epoch {epoch}{f'/{total_epochs}' if total_epochs else ''}", leave=False)
     for i, (xb, yb) in enumerate(bar):
@@ -562,7 +566,7 @@ def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
             # under DDP, all-reduce gradients only for the batch that ends an accumulation window
             with model.no_sync() if isinstance(model, DistributedDataParallel) and not step_now else nullcontext():
                 ls, correct, bad = _step_batch(model, xb, yb, criterion, optimizer, 1 / window, guard, amp_dtype, scaler, grad_accum_steps, dist)
-            keep = (bad == 0).double()   # a non-finite batch counts for nothing, as if skipped
+            keep = (bad == 0).to(sums.dtype)   # a non-finite batch counts for nothing, as if skipped
             sums += torch.stack([torch.nan_to_num(ls * keep, 0., 0., 0.), correct * keep, keep * len(yb)])
             window_bad = window_bad + bad
             stepped = _optimizer_step(optimizer, scaler, grad_clip_norm, window_bad, dist) if step_now else None
@@ -589,7 +593,7 @@ def validate_epoch(model, val_loader, criterion, device, *, amp_dtype=None, prog
         with _autocast(device, amp_dtype): out = model(xb)
         loss_sum += criterion(out.float(), yb) * len(yb)   # criterion averages over the batch
         correct += (out.argmax(1) == yb).sum(); seen += len(yb)
-    loss_sum, correct, seen = all_reduce_sums([*torch.stack([loss_sum.double(), correct.double()]).tolist(), seen], dist, device)  # one sync
+    loss_sum, correct, seen = all_reduce_sums([*torch.stack([loss_sum.to(_sum_dtype(device)), correct.to(_sum_dtype(device))]).tolist(), seen], dist, device)  # one sync
     if not seen: raise ValueError("val_loader yielded no images; check the data folder (every validation image may be unreadable)")
     return loss_sum / seen, correct / seen
 

@@ -59,6 +59,9 @@ class DecodeOnly:
     def __call__(self, batch):
         ims, kept = decode_items(batch.items(), batch.paths, self.device)
         if self.corrupt and len(ims) > 1: ims[0] = ims[0].flip(-1)
+        if self.device.type == 'cuda':   # keep this stream busy, so the copy below is still queued when the next decode runs
+            a = torch.randn(4096, 4096, device=self.device)
+            for _ in range(5): a = a @ a / 64
         flat = torch.cat([im.flatten() for im in ims])   # queued on the prefetcher's stream, after which `ims` are freed
         shapes = torch.tensor([tuple(im.shape) for im in ims]).to(self.device)
         return flat, shapes, batch.labels[kept].to(self.device)
