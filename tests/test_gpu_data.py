@@ -466,3 +466,27 @@ def test_probe_passes_on_real_jpegs_and_names_a_broken_decoder(monkeypatch):
     assert probe_gpu_pipeline(files, 'cpu') == ("it raised RuntimeError: the cpu JPEG decoder failed on every image of a batch that "
         "PIL decodes (RuntimeError: nvjpeg: NVJPEG_STATUS_ARCH_MISMATCH (simulated)); use --data-pipeline cpu (or auto, which "
         "falls back by itself)")
+
+
+def test_augmentation_fields_are_logged_as_params():
+    "The spec's fields are TrainingConfig fields, so `train` logs them with the other MLflow params."
+    import types
+    from nutrilearn_train.config import AUGMENT_HELP
+    from nutrilearn_train.train import train_params
+    cfg = TrainingConfig(crop_scale_min=0.3, jitter_contrast=0., tracking_uri='sqlite:////unused.db')
+    dl = types.SimpleNamespace(dataset=[0] * 3)
+    p = train_params(cfg, dl, dl)
+    assert len(AUGMENT_HELP) == 8 and {k: p[k] for k in AUGMENT_HELP} == {k: getattr(cfg, k) for k in AUGMENT_HELP}
+    assert (p['crop_scale_min'], p['jitter_contrast']) == (0.3, 0.)
+
+
+def test_gpu_training_helper_runs_on_the_cpu(tmp_path):
+    "tests/test_cuda.py's train-and-resume helper, on the CPU (where `auto` picks the CPU pipeline): 1 epoch, then a resume to 2."
+    need_mini()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        r = cuda_checks.train_on_gpu_pipeline(cuda_checks.MINI, tmp_path, 'cpu', compile=False, epochs=1, max_per_class=2,
+                                              batch_size=4, num_workers=0)
+    assert r['tags']['data_pipeline'] == 'cpu' and r['resumed_run']
+    assert [h['epoch'] for h in r['resumed']['history']] == [1, 2] and r['resumed']['history'][:1] == r['first']['history']
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in r['checkpoint_keys'])
