@@ -273,15 +273,19 @@ def val_geometry(height:int, width:int, size:int=IMAGE_SIZE, resize:int=RESIZE_S
     return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
 
 def resize_center_crop(images:list, # [3, H, W] uint8 images on one device
-                       size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE) -> Tensor:
+                       size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE,
+                       max_elements:int=2**27) -> Tensor: # floats per interpolate call (chunks of one shape group)
     "Float [B, 3, size, size] in [0, 255]: each image resized (short side `resize`, antialiased) and centre-cropped."
     groups = {}
     for i, im in enumerate(images): groups.setdefault(tuple(im.shape[1:]), []).append(i)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
     for (h, w), idx in groups.items():
         nh, nw, top, left = val_geometry(h, w, size, resize)
-        x = F.interpolate(torch.stack([images[i] for i in idx]).float(), (nh, nw), mode='bilinear', antialias=True, align_corners=False)
-        out[to_device(torch.tensor(idx), out.device)] = x[:, :, top:top + size, left:left + size].round().clamp(0, 255)
+        step = max(1, max_elements // (3 * h * w))   # a group of large photos is converted to float a chunk at a time
+        for s in range(0, len(idx), step):
+            part = idx[s:s + step]
+            x = F.interpolate(torch.stack([images[i] for i in part]).float(), (nh, nw), mode='bilinear', antialias=True, align_corners=False)
+            out[to_device(torch.tensor(part), out.device)] = x[:, :, top:top + size, left:left + size].round().clamp(0, 255)
     return out
 
 # %% ../nbs/01a_gpu_data.ipynb #f3b85919
