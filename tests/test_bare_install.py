@@ -2,7 +2,8 @@
 Pillow, pytest and hypothesis are installed (a bare GPU machine), so `tests/test_cuda.py` and the benchmark run there.
 
 A subprocess makes the tracking, notebook and UI stack look uninstalled (`sys.modules[name] = None`: `import name`
-raises ModuleNotFoundError and `importlib.util.find_spec(name)` answers None, as for a missing package), imports the modules and runs a tiny `fit` (train_epoch, validate_epoch, checkpoints) with the null tracker.
+raises ModuleNotFoundError and `importlib.util.find_spec(name)` answers None, as for a missing package), imports the modules, runs a tiny `fit` (train_epoch, validate_epoch, checkpoints) with the null tracker and a
+`train(cfg)` on a few real JPEGs with the in-memory tracker.
 """
 import os, subprocess, sys, textwrap
 from pathlib import Path
@@ -12,6 +13,7 @@ BLOCKED = ('mlflow', 'nbdev', 'ipywidgets', 'fastcore', 'execnb', 'IPython', 'tq
 
 SCRIPT = textwrap.dedent('''
     import sys, tempfile, warnings
+    from pathlib import Path
     BLOCKED = set(sys.argv[1].split(','))
     for name in BLOCKED: sys.modules[name] = None
     import torch
@@ -29,6 +31,14 @@ SCRIPT = textwrap.dedent('''
                                     tracking_uri='sqlite:////unused/mlflow.db')
         res = train.fit(net, mk(slice(0, 16), True), mk(slice(16, 24), False), cfg, progress=True)
     assert len(res['history']) == 2 and all(r['train_loss'] == r['train_loss'] for r in res['history']), res
+    from PIL import Image
+    from nutrilearn_train.tracking import InMemoryTracker
+    with tempfile.TemporaryDirectory() as d:   # train() end to end: real JPEGs, the CPU pipeline, an in-memory tracker
+        for i in range(8): (Path(d)/'data'/f'c{i % 2}').mkdir(parents=True, exist_ok=True); Image.new('RGB', (40, 30), (30 * i, 80, 0)).save(Path(d)/'data'/f'c{i % 2}/{i}.jpg')
+        cfg = config.TrainingConfig(data_dir=d + '/data', model_name='mobilenet_v2', pretrained=False, epochs=1, batch_size=2,
+                                    num_workers=0, checkpoint_dir=d + '/ck', output_dir=d + '/out', tracking_uri='sqlite:////unused/mlflow.db')
+        out = train.train(cfg, InMemoryTracker(), progress=True)
+        assert len(out['history']) == 1 and Path(out['model_dir']).is_dir(), out
     pipe = gpu_data.GPUBatchPipeline(True, 'cpu', image_size=16, resize=18)
     xb, _ = pipe([torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)])
     assert xb.shape == (1, 3, 16, 16)
