@@ -4,13 +4,14 @@
 
 # %% ../nbs/01a_gpu_data.ipynb #29939c65
 from __future__ import annotations
-import math, os, queue, threading, warnings
+import math, os, queue, re, threading, warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -23,8 +24,8 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, MAX_IMAGE_PIXELS, RE
                                    ragged_last_batch)
 
 # %% auto #0
-__all__ = ['PROBE_TOLERANCE', 'jpeg_header', 'device_decodable', 'read_image_bytes', 'ByteDataset', 'ByteBatch', 'collate_bytes',
-           'to_device', 'warn_once', 'decode_items', 'sample_crop_boxes', 'pad_images', 'crop_resize',
+__all__ = ['BATCHED_DECODE', 'PROBE_TOLERANCE', 'jpeg_header', 'device_decodable', 'read_image_bytes', 'ByteDataset', 'ByteBatch',
+           'collate_bytes', 'to_device', 'warn_once', 'decode_items', 'sample_crop_boxes', 'pad_images', 'crop_resize',
            'crop_resize_groups', 'flip_batch', 'color_jitter_batch', 'val_geometry', 'resize_center_crop',
            'normalize_batch', 'sample_train_params', 'GPUBatchPipeline', 'make_byte_loader', 'get_gpu_data_loaders',
            'compare_outputs', 'probe_gpu_pipeline', 'DevicePrefetcher']
@@ -126,6 +127,8 @@ def to_device(t:Tensor, device:Union[str, torch.device]) -> Tensor:
 
 # %% ../nbs/01a_gpu_data.ipynb #a63ad482
 _lock, _once = threading.Lock(), set()
+# batched `decode_jpeg(list, device=...)` arrived in torchvision 0.19 (pytorch/vision#8496)
+BATCHED_DECODE = tuple(int(v) for v in re.findall(r'\d+', torchvision.__version__)[:2]) >= (0, 19)
 
 def warn_once(key:str, message:str) -> bool:
     "Warn `message` the first time `key` comes up in this process (thread-safe); True if it warned."
@@ -141,7 +144,7 @@ def _decode_jpeg(x, device):
     return decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
 
 # %% ../nbs/01a_gpu_data.ipynb #88a1f32f
-def _decode_each(items:list, paths:list, device, cause:Exception, strict:bool=False) -> list:
+def _decode_each(items:list, paths:list, device, cause:Optional[Exception]=None, strict:bool=False) -> list:
     "Decode `items` one by one on `device`, else with `load_image`; warn once (or raise) if the device decoder itself is broken."
     out, failed, rescued = [], 0, 0
     for x, path in zip(items, paths):
@@ -149,12 +152,10 @@ def _decode_each(items:list, paths:list, device, cause:Exception, strict:bool=Fa
         except RuntimeError as e: failed, cause = failed + 1, e
         try: out.append(to_device(pil_to_tensor(load_image(bytes(x.numpy()))), device)); rescued += 1
         except BadImageError as e: warnings.warn(f"skipping bad image {path}: {e.reason}"); out.append(None)
-    old_tv = isinstance(cause, TypeError)   # a torchvision older than 0.19 takes one image per call
-    if not old_tv and not (failed == len(items) > 1 and rescued): return out
-    why = (f"this torchvision cannot decode a batch in one call ({cause}); upgrade to torchvision>=0.19" if old_tv else
-           f"the {torch.device(device).type} JPEG decoder failed on every image of a batch that PIL decodes ({type(cause).__name__}: {cause})")
+    if not (failed == len(items) > 1 and rescued): return out   # some images decoded on the device: the images were at fault
+    why = f"the {torch.device(device).type} JPEG decoder failed on every image of a batch that PIL decodes ({type(cause).__name__}: {cause})"
     if strict: raise RuntimeError(f"{why}; use --data-pipeline cpu (or auto, which falls back by itself)")
-    warn_once(f'decode-{torch.device(device).type}-{old_tv}', f"{why}; decoding {'image by image' if old_tv else 'with PIL on the CPU'} instead (slower)")
+    warn_once(f'decode-{torch.device(device).type}', f"{why}; decoding with PIL on the CPU instead (slower)")
     return out
 
 def decode_items(items:list, # uint8 tensors: 1-D encoded JPEG or [3, H, W] image
@@ -165,8 +166,14 @@ def decode_items(items:list, # uint8 tensors: 1-D encoded JPEG or [3, H, W] imag
     out = [to_device(x, device) if x.dim() == 3 else None for x in items]
     enc = [i for i, x in enumerate(items) if x.dim() == 1]
     if enc:
-        try: dec = _decode_jpeg([items[i] for i in enc], device)
-        except (RuntimeError, TypeError) as e: dec = _decode_each([items[i] for i in enc], [paths[i] for i in enc], device, e, strict)
+        xs, ps = [items[i] for i in enc], [paths[i] for i in enc]
+        if not BATCHED_DECODE:
+            warn_once('unbatched', f"torchvision {torchvision.__version__} cannot decode a batch of JPEGs in one call; "
+                                   "upgrade to torchvision>=0.19 (decoding image by image until then, slower)")
+            dec = _decode_each(xs, ps, device, strict=strict)
+        else:
+            try: dec = _decode_jpeg(xs, device)
+            except RuntimeError as e: dec = _decode_each(xs, ps, device, e, strict)
         for i, im in zip(enc, dec): out[i] = im
     kept = [i for i, im in enumerate(out) if im is not None]
     return [out[i] for i in kept], kept
