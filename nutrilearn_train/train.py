@@ -434,7 +434,7 @@ def _step_batch(model, xb, yb, criterion, optimizer, scale, guard:StepGuard, amp
 
 # %% ../nbs/03_train.ipynb #e9865ed7
 def _optimizer_step(optimizer, scaler, clip:float, bad=None, # non-finite losses in this window (device tensor)
-                    dist=None) -> Tensor:
+                    dist=None) -> torch.Tensor:
     "Unscale, clip (0: off) and step unless the gradients or a loss of the window (any rank) are not finite; device bool: stepped."
     params = [p for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
     if scaler is not None: scaler.unscale_(optimizer)
@@ -535,7 +535,7 @@ def _sum_dtype(device:torch.device):
     "float64 for the epoch's device-side sums (exact counts), float32 where the device has no float64 (MPS)."
     return torch.float32 if device.type == 'mps' else torch.float64
 
-def _read(sums:Tensor, events:list) -> tuple:
+def _read(sums:torch.Tensor, events:list) -> tuple:
     "One host synchronisation: the epoch's device sums and the pending `(batch, bad, stepped)` verdicts as numbers."
     flags = [f for _, b, s in events for f in (b, b if s is None else s)]
     vals = torch.cat([sums, torch.stack(flags).to(sums.dtype)]) if flags else sums
