@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'FLAG_HELP',
+__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'AUGMENT_HELP', 'FLAG_HELP',
            'default_tracking_uri', 'TrainingConfig', 'validate_config', 'config_to_dict', 'config_from_dict',
            'HelpFormatter', 'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker',
            'make_generator']
@@ -79,6 +79,14 @@ class TrainingConfig:
     grad_clip_norm: float = 1.0
     keep_checkpoints: int = 3           # newest epoch checkpoints kept beside last.pth/best.pth
     data_pipeline: str = 'auto'         # where JPEGs are decoded/augmented; one of `DATA_PIPELINES`
+    crop_scale_min: float = 0.08        # training crop area range (fraction of the image), both data pipelines
+    crop_scale_max: float = 1.0
+    crop_ratio_min: float = 3 / 4       # training crop aspect (width / height) range
+    crop_ratio_max: float = 4 / 3
+    flip_prob: float = 0.5              # horizontal flip probability
+    jitter_brightness: float = 0.2      # colour jitter strengths in [0, 1] (0: off)
+    jitter_contrast: float = 0.2
+    jitter_saturation: float = 0.2
     compile: bool = False               # torch.compile the model (checkpoints stay loadable without it)
     sync_bn: bool = False               # SyncBatchNorm under torchrun (DistributedDataParallel)
 
@@ -96,6 +104,7 @@ def validate_config(cfg:TrainingConfig):
     _one_of('data_pipeline', cfg.data_pipeline, DATA_PIPELINES)
     _one_of('promote', cfg.promote, PROMOTE_MODES)
     _check(isinstance(cfg.promote_margin, (int, float)) and 0 <= cfg.promote_margin < 1, f"promote_margin must be in [0, 1), got {cfg.promote_margin!r}")
+    _check_augment(cfg)
     for name in ('num_classes', 'epochs', 'batch_size', 'log_interval', 'grad_accum_steps', 'keep_checkpoints'):
         v = getattr(cfg, name)
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
@@ -117,6 +126,26 @@ def validate_config(cfg:TrainingConfig):
     _check(cfg.tracking_uri.split(':', 1)[0] != 'file' and '://' in cfg.tracking_uri,
            f"tracking_uri {cfg.tracking_uri!r} is not usable: MLflow 3.13+ refuses file: stores; "
            "use an absolute sqlite:////path/mlflow.db or an http(s):// server")
+
+# %% ../nbs/00_config.ipynb #20c51bf1
+AUGMENT_HELP = dict(
+    crop_scale_min='smallest training crop, as a fraction of the image area (RandomResizedCrop scale)',
+    crop_scale_max='largest training crop, as a fraction of the image area',
+    crop_ratio_min='narrowest training crop aspect (width / height)', crop_ratio_max='widest training crop aspect (width / height)',
+    flip_prob='probability of a horizontal flip', jitter_brightness='brightness jitter strength in [0, 1]',
+    jitter_contrast='contrast jitter strength in [0, 1]', jitter_saturation='saturation jitter strength in [0, 1]')
+
+def _check_augment(cfg:TrainingConfig):
+    "Raise `ValueError` unless the augmentation fields describe ranges both data pipelines can sample."
+    num = lambda n: isinstance(getattr(cfg, n), (int, float)) and not isinstance(getattr(cfg, n), bool)
+    for n in AUGMENT_HELP: _check(num(n), f"{n} must be a number, got {getattr(cfg, n)!r}")
+    _check(0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1, "need 0 < crop_scale_min <= crop_scale_max <= 1, "
+           f"got crop_scale_min={cfg.crop_scale_min!r}, crop_scale_max={cfg.crop_scale_max!r}")
+    _check(0 < cfg.crop_ratio_min <= cfg.crop_ratio_max, "need 0 < crop_ratio_min <= crop_ratio_max, "
+           f"got crop_ratio_min={cfg.crop_ratio_min!r}, crop_ratio_max={cfg.crop_ratio_max!r}")
+    _check(0 <= cfg.flip_prob <= 1, f"flip_prob must be in [0, 1], got {cfg.flip_prob!r}")
+    for n in ('jitter_brightness', 'jitter_contrast', 'jitter_saturation'):
+        _check(0 <= getattr(cfg, n) <= 1, f"{n} must be in [0, 1] (0 turns it off), got {getattr(cfg, n)!r}")
 
 # %% ../nbs/00_config.ipynb #c07bb809
 def config_to_dict(cfg:TrainingConfig) -> dict:
@@ -152,7 +181,8 @@ FLAG_HELP = dict(
     grad_accum_steps='batches whose gradients add up to one optimizer step', grad_clip_norm='clip gradients to this norm (0: no clipping)',
     keep_checkpoints='newest epoch checkpoints kept besides last.pth and best.pth',
     data_pipeline='decode and augment JPEGs on the cpu (workers) or the gpu (nvjpeg); auto = gpu when CUDA is available',
-    compile='torch.compile the model (off by default; slower first epoch)', sync_bn='SyncBatchNorm across processes under torchrun (off by default)')
+    compile='torch.compile the model (off by default; slower first epoch)', sync_bn='SyncBatchNorm across processes under torchrun (off by default)',
+    **AUGMENT_HELP)
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "Defaults in the help, except on on/off switches (their help says it in words) and where there is none."

@@ -7,13 +7,13 @@ from __future__ import annotations
 import io, json, os, shutil, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms as T
 
@@ -21,12 +21,12 @@ from .config import make_generator, seed_worker
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SIZE', 'RESIZE_SIZE', 'MAX_IMAGE_PIXELS', 'IMG_EXTENSIONS', 'FOOD101_URL',
-           'FOOD101_BYTES_NEEDED', 'SCAN_MODES', 'build_train_transform', 'build_val_transform',
+           'FOOD101_BYTES_NEEDED', 'SCAN_MODES', 'AugmentSpec', 'build_train_transform', 'build_val_transform',
            'InsufficientSpaceError', 'BadImageError', 'to_rgb', 'load_image', 'check_image', 'scan_images',
            'make_class_to_idx', 'food101_samples', 'folder_samples', 'find_dataset', 'cap_per_class',
            'stratified_split', 'missing_data_message', 'download_food101', 'sample_seed', 'ImageDataset',
-           'SkipBadCollate', 'SeededRandomSampler', 'set_loader_epoch', 'make_loader', 'get_data_loaders',
-           'get_test_loader']
+           'SkipBadCollate', 'SeededRandomSampler', 'set_loader_epoch', 'ShardSampler', 'make_sampler',
+           'ragged_last_batch', 'make_loader', 'get_data_loaders', 'get_test_loader']
 
 # %% ../nbs/01_data.ipynb #b55c67b8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,11 +34,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 224   # network input side
 RESIZE_SIZE = 256  # validation/inference short side before the centre crop
 
-def build_train_transform(size:int=IMAGE_SIZE # output side in pixels
+class AugmentSpec(NamedTuple):
+    "The training augmentation both pipelines apply (CPU: `build_train_transform`; GPU: `gpu_data.GPUBatchPipeline`)."
+    scale: tuple = (0.08, 1.0)       # RandomResizedCrop area range, as a fraction of the image
+    ratio: tuple = (3 / 4, 4 / 3)    # RandomResizedCrop aspect (width / height) range
+    flip_p: float = 0.5              # horizontal flip probability
+    jitter: tuple = (0.2, 0.2, 0.2)  # colour jitter strength: brightness, contrast, saturation
+    @classmethod
+    def from_config(cls, cfg) -> 'AugmentSpec':
+        "The spec a `TrainingConfig` describes (its `crop_*`, `flip_prob` and `jitter_*` fields)."
+        return cls((cfg.crop_scale_min, cfg.crop_scale_max), (cfg.crop_ratio_min, cfg.crop_ratio_max), cfg.flip_prob,
+                   (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation))
+
+# %% ../nbs/01_data.ipynb #3ee33cc5
+def build_train_transform(size:int=IMAGE_SIZE,                # output side in pixels
+                          augment:Optional[AugmentSpec]=None  # default: `AugmentSpec()`
                          ) -> T.Compose:
-    "Training augmentation: random resized crop, flip, colour jitter, then ImageNet normalisation."
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(0.5), T.ColorJitter(0.2, 0.2, 0.2),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    "Training augmentation: random resized crop, flip, colour jitter (as `augment` says), then ImageNet normalisation."
+    a = augment or AugmentSpec()
+    return T.Compose([T.RandomResizedCrop(size, scale=tuple(a.scale), ratio=tuple(a.ratio)), T.RandomHorizontalFlip(a.flip_p),
+                      T.ColorJitter(*a.jitter), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 def build_val_transform(size:int=IMAGE_SIZE,  # output side in pixels
                         resize:int=RESIZE_SIZE # short side before the centre crop
@@ -340,16 +355,37 @@ def set_loader_epoch(loader:DataLoader, epoch:int):
     if hasattr(loader.dataset, 'set_epoch'): loader.dataset.set_epoch(epoch)  # seeded augmentation
     if loader.generator is not None and hasattr(loader, 'seed'): loader.generator.manual_seed(loader.seed + epoch)
 
+class ShardSampler(Sampler):
+    "Indices `rank, rank + world_size, …` of `data_source`: every index exactly once across ranks, no padding."
+    def __init__(self, data_source, rank:int=0, world_size:int=1):
+        if not 0 <= rank < world_size: raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.n, self.rank, self.world_size = len(data_source), rank, world_size
+    def __iter__(self): return iter(range(self.rank, self.n, self.world_size))
+    def __len__(self): return len(range(self.rank, self.n, self.world_size))
+
 # %% ../nbs/01_data.ipynb #93e57ac5
+def make_sampler(ds:Dataset, shuffle:bool, seed:int=42, shard:Optional[tuple]=None # `(rank, world_size)` under torchrun
+                ) -> Optional[Sampler]:
+    "The sampler a loader over `ds` needs: seeded shuffling or none, per rank under torchrun."
+    if shard is None: return SeededRandomSampler(ds, seed) if shuffle else None
+    rank, world_size = shard
+    if not shuffle: return ShardSampler(ds, rank, world_size)
+    return DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed)
+
+def ragged_last_batch(n:int, batch_size:int) -> bool:
+    "Should a training loader over `n` samples drop its last, smaller batch (kept only when it is the only one)."
+    return batch_size > 1 and n % batch_size != 0 and (n > batch_size or n == 1)
+
 def make_loader(ds:Dataset, batch_size:int, shuffle:bool=False, num_workers:int=0, *, seed:int=42,
                 pin_memory:Optional[bool]=None, # default: when CUDA is available
-                image_size:int=IMAGE_SIZE, drop_last:Optional[bool]=None) -> DataLoader:
+                image_size:int=IMAGE_SIZE, drop_last:Optional[bool]=None,
+                shard:Optional[tuple]=None) -> DataLoader: # `(rank, world_size)`: this rank's share (torchrun)
     "A DataLoader with our sampler, seeding, bad-image collate and worker settings."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if num_workers < 0: raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
-    # a last training batch of one image breaks BatchNorm: drop it (only it) when shuffling
-    if drop_last is None: drop_last = shuffle and batch_size > 1 and len(ds) % batch_size == 1
-    dl = DataLoader(ds, batch_size=batch_size, sampler=SeededRandomSampler(ds, seed) if shuffle else None,
+    sampler = make_sampler(ds, shuffle, seed, shard)
+    if drop_last is None: drop_last = shuffle and ragged_last_batch(len(sampler) if sampler is not None else len(ds), batch_size)
+    dl = DataLoader(ds, batch_size=batch_size, sampler=sampler,
                     num_workers=num_workers, collate_fn=SkipBadCollate(image_size), drop_last=drop_last,
                     pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                     persistent_workers=num_workers > 0, worker_init_fn=seed_worker, generator=make_generator(seed))
@@ -393,7 +429,9 @@ def get_data_loaders(data_dir:Union[str, Path], # holds `food-101/` or an ImageF
                      download:bool=False,      # fetch Food-101 if `data_dir` holds no dataset
                      image_size:int=IMAGE_SIZE, pin_memory:Optional[bool]=None,
                      scan:str='header',        # one of `SCAN_MODES`
-                     max_pixels:int=MAX_IMAGE_PIXELS) -> tuple[DataLoader, DataLoader, dict]:
+                     max_pixels:int=MAX_IMAGE_PIXELS,
+                     augment:Optional[AugmentSpec]=None, # training augmentation (default `AugmentSpec()`)
+                     shard:Optional[tuple]=None) -> tuple[DataLoader, DataLoader, dict]: # `(rank, world_size)` under torchrun
     "`(train_loader, val_loader, class_to_idx)` for Food-101 or an ImageFolder tree in `data_dir`."
     found = _locate(data_dir, download)
     class_to_idx = make_class_to_idx([c for _, c in found['train'] + (found['val'] or [])])
@@ -407,9 +445,9 @@ def get_data_loaders(data_dir:Union[str, Path], # holds `food-101/` or an ImageF
     if not val: warnings.warn(f"the validation part of {data_dir} is empty (each class needs >= 2 usable images)")
     classes = list(class_to_idx)
     mk = lambda s, tfm, shuffle: make_loader(ImageDataset(s, classes, tfm, max_pixels, seed=seed if shuffle else None),
-                                             batch_size, shuffle, num_workers, seed=seed, pin_memory=pin_memory, image_size=image_size)
+                                             batch_size, shuffle, num_workers, seed=seed, pin_memory=pin_memory, image_size=image_size, shard=shard)
     resize = round(image_size * RESIZE_SIZE / IMAGE_SIZE)
-    return (mk(train, build_train_transform(image_size), True), mk(val, build_val_transform(image_size, resize), False),
+    return (mk(train, build_train_transform(image_size, augment), True), mk(val, build_val_transform(image_size, resize), False),
             class_to_idx)
 
 # %% ../nbs/01_data.ipynb #a48a236b

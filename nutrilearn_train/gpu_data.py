@@ -4,13 +4,14 @@
 
 # %% ../nbs/01a_gpu_data.ipynb #29939c65
 from __future__ import annotations
-import math, os, queue, threading, warnings
+import math, os, queue, re, threading, warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -18,14 +19,16 @@ from torchvision.ops import roi_align
 from torchvision.transforms.functional import pil_to_tensor
 
 from .config import get_device, make_generator, seed_worker
-from .data import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, MAX_IMAGE_PIXELS, RESIZE_SIZE, BadImageError,
-                                   SeededRandomSampler, get_data_loaders, load_image)
+from .data import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, MAX_IMAGE_PIXELS, RESIZE_SIZE, AugmentSpec,
+                                   BadImageError, build_val_transform, get_data_loaders, load_image, make_sampler,
+                                   ragged_last_batch)
 
 # %% auto #0
-__all__ = ['jpeg_header', 'device_decodable', 'read_image_bytes', 'ByteDataset', 'ByteBatch', 'collate_bytes', 'to_device',
-           'decode_items', 'sample_crop_boxes', 'pad_images', 'crop_resize', 'flip_batch', 'color_jitter_batch',
-           'val_geometry', 'resize_center_crop', 'normalize_batch', 'sample_train_params', 'GPUBatchPipeline',
-           'make_byte_loader', 'get_gpu_data_loaders', 'DevicePrefetcher']
+__all__ = ['BATCHED_DECODE', 'PROBE_TOLERANCE', 'jpeg_header', 'device_decodable', 'read_image_bytes', 'ByteDataset', 'ByteBatch',
+           'collate_bytes', 'to_device', 'warn_once', 'decode_items', 'sample_crop_boxes', 'pad_images', 'crop_resize',
+           'crop_resize_groups', 'flip_batch', 'color_jitter_batch', 'val_geometry', 'resize_center_crop',
+           'normalize_batch', 'sample_train_params', 'GPUBatchPipeline', 'make_byte_loader', 'get_gpu_data_loaders',
+           'compare_outputs', 'probe_gpu_pipeline', 'DevicePrefetcher']
 
 # %% ../nbs/01a_gpu_data.ipynb #f4594288
 def _exif_orientation(tiff) -> int:
@@ -123,29 +126,54 @@ def to_device(t:Tensor, device:Union[str, torch.device]) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 # %% ../nbs/01a_gpu_data.ipynb #a63ad482
-def _decode_jpeg(x, device):
-    "`decode_jpeg` to RGB, without torchvision 0.29's per-call deprecation warning (TorchCodec is its successor)."
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated')
-        return decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
+_lock, _once = threading.Lock(), set()
+# batched `decode_jpeg(list, device=...)` arrived in torchvision 0.19 (pytorch/vision#8496)
+BATCHED_DECODE = tuple(int(v) for v in re.findall(r'\d+', torchvision.__version__)[:2]) >= (0, 19)
 
-def _decode_one(x:Tensor, path:str, device) -> Optional[Tensor]:
-    "Decode one encoded image on `device`, falling back to `load_image`; None (and a warning) if it is bad."
-    try: return _decode_jpeg(x, device)
-    except RuntimeError: pass
-    try: return to_device(pil_to_tensor(load_image(bytes(x.numpy()))), device)
-    except BadImageError as e:
-        warnings.warn(f"skipping bad image {path}: {e.reason}"); return None
+def warn_once(key:str, message:str) -> bool:
+    "Warn `message` the first time `key` comes up in this process (thread-safe); True if it warned."
+    with _lock:
+        if key in _once: return False
+        _once.add(key)
+    warnings.warn(message, stacklevel=2); return True
+
+def _decode_jpeg(x, device):
+    "`decode_jpeg` to RGB; on CUDA only after the current stream's queued work is done (pytorch/vision#9606)."
+    device = torch.device(device)
+    if device.type == 'cuda': torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
+
+# %% ../nbs/01a_gpu_data.ipynb #88a1f32f
+def _decode_each(items:list, paths:list, device, cause:Optional[Exception]=None, strict:bool=False) -> list:
+    "Decode `items` one by one on `device`, else with `load_image`; warn once (or raise) if the device decoder itself is broken."
+    out, failed, rescued = [], 0, 0
+    for x, path in zip(items, paths):
+        try: out.append(_decode_jpeg(x, device)); continue
+        except RuntimeError as e: failed, cause = failed + 1, e
+        try: out.append(to_device(pil_to_tensor(load_image(bytes(x.numpy()))), device)); rescued += 1
+        except BadImageError as e: warnings.warn(f"skipping bad image {path}: {e.reason}"); out.append(None)
+    if not (failed == len(items) > 1 and rescued): return out   # some images decoded on the device: the images were at fault
+    why = f"the {torch.device(device).type} JPEG decoder failed on every image of a batch that PIL decodes ({type(cause).__name__}: {cause})"
+    if strict: raise RuntimeError(f"{why}; use --data-pipeline cpu (or auto, which falls back by itself)")
+    warn_once(f'decode-{torch.device(device).type}', f"{why}; decoding with PIL on the CPU instead (slower)")
+    return out
 
 def decode_items(items:list, # uint8 tensors: 1-D encoded JPEG or [3, H, W] image
                  paths:list, # file of each item (for warnings)
-                 device:Union[str, torch.device]='cpu') -> tuple[list, list]:
+                 device:Union[str, torch.device]='cpu',
+                 strict:bool=False) -> tuple[list, list]: # raise, rather than warn, when the device decoder is broken
     "`(images, kept)`: [3, H, W] uint8 images on `device` and the indices of the items that decoded."
     out = [to_device(x, device) if x.dim() == 3 else None for x in items]
     enc = [i for i, x in enumerate(items) if x.dim() == 1]
     if enc:
-        try: dec = _decode_jpeg([items[i] for i in enc], device)
-        except RuntimeError: dec = [_decode_one(items[i], paths[i], device) for i in enc]
+        xs, ps = [items[i] for i in enc], [paths[i] for i in enc]
+        if not BATCHED_DECODE:
+            warn_once('unbatched', f"torchvision {torchvision.__version__} cannot decode a batch of JPEGs in one call; "
+                                   "upgrade to torchvision>=0.19 (decoding image by image until then, slower)")
+            dec = _decode_each(xs, ps, device, strict=strict)
+        else:
+            try: dec = _decode_jpeg(xs, device)
+            except RuntimeError as e: dec = _decode_each(xs, ps, device, e, strict)
         for i, im in zip(enc, dec): out[i] = im
     kept = [i for i, im in enumerate(out) if im is not None]
     return [out[i] for i in kept], kept
@@ -203,6 +231,24 @@ def crop_resize(padded:Tensor, # [B, 3, H, W] batch from `pad_images`
                       boxes[:, 1:2], boxes[:, 0:1], boxes[:, 1:2] + boxes[:, 3:4], boxes[:, 0:1] + boxes[:, 2:3]], 1)
     return roi_align(padded.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
+# %% ../nbs/01a_gpu_data.ipynb #b770b086
+def crop_resize_groups(images:list,          # [3, H, W] uint8 images on one device
+                       boxes:Tensor,         # [B, 4] crops (top, left, height, width) in pixels
+                       size:int=IMAGE_SIZE,
+                       max_elements:int=2**27 # floats per roi_align call (2**27: 512 MiB)
+                      ) -> Tensor:
+    "`crop_resize(pad_images(images), boxes, size)` without the canvas: one `roi_align` per image shape (chunked)."
+    dev, groups = images[0].device, {}
+    for i, im in enumerate(images): groups.setdefault(tuple(im.shape[1:]), []).append(i)
+    out = torch.empty(len(images), 3, size, size, device=dev)
+    for (h, w), idx in groups.items():
+        step = max(1, max_elements // (3 * (h + 1) * (w + 1)))
+        for s in range(0, len(idx), step):
+            part = idx[s:s + step]
+            x = F.pad(torch.stack([images[i] for i in part]).float(), (0, 1, 0, 1), mode='replicate')  # the repeated fringe
+            out[to_device(torch.tensor(part), dev)] = crop_resize(x, boxes[part], size)
+    return out
+
 # %% ../nbs/01a_gpu_data.ipynb #8b1183f3
 _GRAY = (0.2989, 0.587, 0.114)
 
@@ -234,15 +280,19 @@ def val_geometry(height:int, width:int, size:int=IMAGE_SIZE, resize:int=RESIZE_S
     return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
 
 def resize_center_crop(images:list, # [3, H, W] uint8 images on one device
-                       size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE) -> Tensor:
+                       size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE,
+                       max_elements:int=2**27) -> Tensor: # floats per interpolate call (chunks of one shape group)
     "Float [B, 3, size, size] in [0, 255]: each image resized (short side `resize`, antialiased) and centre-cropped."
     groups = {}
     for i, im in enumerate(images): groups.setdefault(tuple(im.shape[1:]), []).append(i)
     out = torch.empty(len(images), 3, size, size, device=images[0].device)
     for (h, w), idx in groups.items():
         nh, nw, top, left = val_geometry(h, w, size, resize)
-        x = F.interpolate(torch.stack([images[i] for i in idx]).float(), (nh, nw), mode='bilinear', antialias=True, align_corners=False)
-        out[to_device(torch.tensor(idx), out.device)] = x[:, :, top:top + size, left:left + size].round().clamp(0, 255)
+        step = max(1, max_elements // (3 * h * w))   # a group of large photos is converted to float a chunk at a time
+        for s in range(0, len(idx), step):
+            part = idx[s:s + step]
+            x = F.interpolate(torch.stack([images[i] for i in part]).float(), (nh, nw), mode='bilinear', antialias=True, align_corners=False)
+            out[to_device(torch.tensor(part), out.device)] = x[:, :, top:top + size, left:left + size].round().clamp(0, 255)
     return out
 
 # %% ../nbs/01a_gpu_data.ipynb #f3b85919
@@ -274,12 +324,14 @@ class GPUBatchPipeline:
                  mean:Sequence=IMAGENET_MEAN, std:Sequence=IMAGENET_STD,
                  generator:Optional[torch.Generator]=None, # CPU generator for the random parameters (default: torch's global one)
                  channels_last:bool=False, scale:tuple=(0.08, 1.0), ratio:tuple=(3 / 4, 4 / 3),
-                 flip_p:float=0.5, jitter:tuple=(0.2, 0.2, 0.2)):
+                 flip_p:float=0.5, jitter:tuple=(0.2, 0.2, 0.2), # training augmentation, as `data.AugmentSpec`
+                 strict_decode:bool=False): # a broken device decoder raises instead of falling back to PIL
         if not 1 <= image_size <= resize:
             raise ValueError(f"need 1 <= image_size <= resize (the centre crop must fit), got image_size={image_size}, resize={resize}")
         self.train, self.device, self.image_size, self.resize = train, torch.device(device), image_size, resize
         self.mean, self.std, self.generator, self.channels_last = tuple(mean), tuple(std), generator, channels_last
-        self.scale, self.ratio, self.flip_p, self.jitter, self.last_params = scale, ratio, flip_p, tuple(jitter), None
+        self.scale, self.ratio, self.flip_p, self.jitter, self.last_params = tuple(scale), tuple(ratio), flip_p, tuple(jitter), None
+        self.strict_decode = strict_decode
 
     def reseed(self, seed:int):
         "Restart the random parameters from `seed` (call with `seed + epoch` for resumable runs)."
@@ -288,7 +340,7 @@ class GPUBatchPipeline:
     def __call__(self, batch:Union[ByteBatch, list], labels:Optional[Tensor]=None, paths:Optional[list]=None) -> tuple[Tensor, Tensor]:
         if isinstance(batch, tuple) and hasattr(batch, 'paths'): batch, labels, paths = batch.items(), batch.labels, batch.paths  # a ByteBatch
         labels = torch.as_tensor(labels if labels is not None else [-1] * len(batch), dtype=torch.long)
-        images, kept = decode_items(batch, paths or ['<bytes>'] * len(batch), self.device)
+        images, kept = decode_items(batch, paths or ['<bytes>'] * len(batch), self.device, self.strict_decode)
         labels = to_device(labels[kept], self.device)
         if not images: return torch.empty(0, 3, self.image_size, self.image_size, device=self.device), labels
         x = self._augment(images) if self.train else resize_center_crop(images, self.image_size, self.resize)
@@ -298,19 +350,21 @@ class GPUBatchPipeline:
     def _augment(self, images:list) -> Tensor:
         sizes = torch.tensor([tuple(im.shape[1:]) for im in images])
         p = self.last_params = sample_train_params(sizes, self.scale, self.ratio, self.flip_p, self.jitter, self.generator)
-        x = flip_batch(crop_resize(pad_images(images), p['boxes'], self.image_size), p['flip'])
+        x = flip_batch(crop_resize_groups(images, p['boxes'], self.image_size), p['flip'])
         return color_jitter_batch(x, p['factors'], p['order']) if any(self.jitter) else x
 
     def __repr__(self): return f"GPUBatchPipeline(train={self.train}, device={self.device}, image_size={self.image_size}, resize={self.resize})"
 
 # %% ../nbs/01a_gpu_data.ipynb #02bf0e6a
 def make_byte_loader(ds:ByteDataset, batch_size:int, shuffle:bool=False, num_workers:int=0, *, seed:int=42,
-                     pin_memory:bool=False, drop_last:Optional[bool]=None) -> DataLoader:
+                     pin_memory:bool=False, drop_last:Optional[bool]=None,
+                     shard:Optional[tuple]=None) -> DataLoader: # `(rank, world_size)` under torchrun
     "A DataLoader of `ByteBatch`es with `data.make_loader`'s sampler, seeding and worker settings."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if num_workers < 0: raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
-    if drop_last is None: drop_last = shuffle and batch_size > 1 and len(ds) % batch_size == 1  # BatchNorm needs 2
-    dl = DataLoader(ds, batch_size=batch_size, sampler=SeededRandomSampler(ds, seed) if shuffle else None,
+    sampler = make_sampler(ds, shuffle, seed, shard)
+    if drop_last is None: drop_last = shuffle and ragged_last_batch(len(sampler) if sampler is not None else len(ds), batch_size)
+    dl = DataLoader(ds, batch_size=batch_size, sampler=sampler,
                     num_workers=num_workers, collate_fn=collate_bytes, drop_last=drop_last, pin_memory=pin_memory,
                     persistent_workers=num_workers > 0, worker_init_fn=seed_worker, generator=make_generator(seed),
                     prefetch_factor=4 if num_workers > 0 else None)
@@ -322,16 +376,56 @@ def get_gpu_data_loaders(data_dir:Union[str, Path], batch_size:int, num_workers:
                          device:Union[str, torch.device, None]=None, # default: `config.get_device('auto')`
                          train_split:float=0.8, seed:int=42, max_per_class:Optional[int]=None, download:bool=False,
                          image_size:int=IMAGE_SIZE, channels_last:bool=False, scan:str='header',
-                         max_pixels:int=MAX_IMAGE_PIXELS) -> tuple:
+                         max_pixels:int=MAX_IMAGE_PIXELS,
+                         augment:Optional[AugmentSpec]=None, # training augmentation (default `AugmentSpec()`)
+                         shard:Optional[tuple]=None,         # `(rank, world_size)` under torchrun
+                         strict_decode:bool=False) -> tuple:
     "`(train_loader, val_loader, class_to_idx, train_pipeline, val_pipeline)` over `data.get_data_loaders`' split."
     tr, va, c2i = get_data_loaders(data_dir, batch_size, 0, train_split=train_split, seed=seed, max_per_class=max_per_class,
                                    download=download, image_size=image_size, pin_memory=False, scan=scan, max_pixels=max_pixels)
     mk = lambda ds, shuffle: make_byte_loader(ByteDataset(ds.samples, ds.classes, max_pixels), batch_size, shuffle,
-                                              num_workers, seed=seed)
+                                              num_workers, seed=seed, shard=shard)
     dev = torch.device(device) if device is not None else get_device('auto')
     resize = round(image_size * RESIZE_SIZE / IMAGE_SIZE)
-    pipe = lambda train: GPUBatchPipeline(train, dev, image_size, resize, generator=make_generator(seed), channels_last=channels_last)
+    a = augment or AugmentSpec()
+    pipe = lambda train: GPUBatchPipeline(train, dev, image_size, resize, generator=make_generator(seed), channels_last=channels_last,
+                                          scale=a.scale, ratio=a.ratio, flip_p=a.flip_p, jitter=a.jitter, strict_decode=strict_decode)
     return mk(tr.dataset, True), mk(va.dataset, False), c2i, pipe(True), pipe(False)
+
+# %% ../nbs/01a_gpu_data.ipynb #b9bca846
+PROBE_TOLERANCE = dict(mean=0.05, max=1.0)  # normalised units; one grey level ≈ 1/255/0.225 ≈ 0.017
+
+def compare_outputs(got:Tensor, # [B, 3, H, W] from the GPU pipeline
+                    ref:Tensor, # the same images through the PIL pipeline
+                    mean_tol:float=PROBE_TOLERANCE['mean'], max_tol:float=PROBE_TOLERANCE['max']) -> Optional[str]:
+    "None if `got` matches `ref` within the tolerances, else what differs."
+    if tuple(got.shape) != tuple(ref.shape): return f"its output shape {tuple(got.shape)} differs from the PIL pipeline's {tuple(ref.shape)}"
+    d = (got.detach().float().cpu() - ref.float().cpu()).abs()
+    if not torch.isfinite(d).all(): return "its output holds NaN/inf values"
+    m, mx = d.mean().item(), d.max().item()
+    if m > mean_tol or mx > max_tol:
+        return f"its output differs from the PIL pipeline's by mean {m:.4f} / max {mx:.4f} (tolerance {mean_tol} / {max_tol})"
+    return None
+
+# %% ../nbs/01a_gpu_data.ipynb #0115fc20
+def probe_gpu_pipeline(paths:Sequence,  # image files (the first `n` usable ones are used)
+                       device:Union[str, torch.device], n:int=8, image_size:int=IMAGE_SIZE,
+                       pipeline:Optional[GPUBatchPipeline]=None # default: a strict validation pipeline on `device`
+                      ) -> Optional[str]:
+    "None if the GPU validation pipeline turns the first `n` images of `paths` into what PIL's does; else the cause."
+    resize = round(image_size * RESIZE_SIZE / IMAGE_SIZE)
+    pipe = pipeline or GPUBatchPipeline(False, device, image_size, resize, strict_decode=True)
+    items, refs, vt = [], [], build_val_transform(image_size, resize)
+    for p in paths:
+        if len(items) == n: break
+        try: items.append(read_image_bytes(p)); refs.append(vt(load_image(p)))
+        except (BadImageError, OSError): items[len(refs):] = []   # a bad file: not the pipeline's fault, skip it
+    if not items: return None
+    try:
+        xb, _ = pipe(items, None, [str(p) for p in paths[:len(items)]])
+        if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
+    except Exception as e: return f"it raised {type(e).__name__}: {e}"
+    return compare_outputs(xb, torch.stack(refs))
 
 # %% ../nbs/01a_gpu_data.ipynb #96cef05e
 class DevicePrefetcher:

@@ -15,7 +15,6 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from tqdm.auto import tqdm
 
 from .config import (
     TrainingConfig, OPTIMIZERS, SCHEDULERS, config_to_dict, config_from_dict, config_from_args, parse_arguments, get_device, set_seed)
@@ -27,13 +26,13 @@ from .persistence import (  # the artifact and checkpoint format lives in 02a_pe
     read_checkpoint, restore_checkpoint, load_checkpoint, _underlying, _plain, _permission_error)
 
 # %% auto #0
-__all__ = ['DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer', 'build_scheduler', 'step_scheduler',
-           'amp_settings', 'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout',
-           'setup_distributed', 'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'ShardSampler',
-           'shard_loader', 'shard_loaders', 'train_epoch', 'validate_epoch', 'prune_checkpoints',
-           'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders', 'start_epoch', 'TrainingDivergedError',
-           'fit', 'check_writable', 'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params',
-           'default_tracker', 'prepare_model', 'train', 'sigterm_as_interrupt', 'main']
+__all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer', 'build_scheduler',
+           'step_scheduler', 'amp_dtype_for', 'amp_settings', 'cuda_speedups', 'NonFiniteLossError', 'StepGuard',
+           'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed', 'teardown_distributed', 'all_reduce_sums',
+           'broadcast_buffers', 'train_epoch', 'validate_epoch', 'prune_checkpoints', 'save_epoch_checkpoints',
+           'resolve_data_pipeline', 'make_loaders', 'start_epoch', 'TrainingDivergedError', 'fit', 'check_writable',
+           'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker',
+           'prepare_model', 'train', 'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03_train.ipynb #304a80fa
 class EarlyStopping:
@@ -85,14 +84,32 @@ def step_scheduler(scheduler, val_loss:float):
     elif scheduler is not None: scheduler.step()
 
 # %% ../nbs/03_train.ipynb #5381856c
+def amp_dtype_for(capability:tuple|None,      # `torch.cuda.get_device_capability()`, None without a GPU
+                  bf16_native:bool|None=None  # what torch reports without emulation, if it can (else from `capability`)
+                 ):
+    "The autocast dtype for a GPU: bfloat16 where it is native (capability >= 8.0), else float16; None without a GPU."
+    if capability is None: return None
+    return torch.bfloat16 if (tuple(capability) >= (8, 0) if bf16_native is None else bf16_native) else torch.float16
+
+def _bf16_native(device) -> bool|None:
+    "torch's answer without emulation; None where this torch cannot say (`including_emulation` is newer)."
+    try: return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError: return None
+
 def amp_settings(device, enabled:bool) -> tuple:
     "`(autocast dtype or None, GradScaler or None)` for `device`."
-    if not enabled or torch.device(device).type != 'cuda': return None, None
-    if torch.cuda.is_bf16_supported(including_emulation=False): return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler('cuda')
+    device = torch.device(device)
+    if not enabled or device.type != 'cuda': return None, None
+    dt = amp_dtype_for(torch.cuda.get_device_capability(device), _bf16_native(device))
+    return dt, (torch.amp.GradScaler('cuda') if dt == torch.float16 else None)
 
 def _autocast(device:torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+# %% ../nbs/03_train.ipynb #cb3d77d9
+def cuda_speedups(device):
+    "On CUDA, let cuDNN pick the fastest convolution algorithms for the (fixed) batch shape."
+    if torch.device(device).type == 'cuda': torch.backends.cudnn.benchmark = True
 
 # %% ../nbs/03_train.ipynb #01e49bd1
 class NonFiniteLossError(RuntimeError):
@@ -110,33 +127,42 @@ class StepGuard:
             n, self.bad_steps = self.bad_steps, 0
             raise NonFiniteLossError(f"the loss or gradients were NaN/inf for {n} consecutive steps")
 
+    def replay(self, events:list, epoch:int):
+        "Apply `(batch number, loss was non-finite, optimizer stepped or None)` verdicts in order (may raise)."
+        for i, bad, stepped in events:
+            if bad: self.bad(f"non-finite loss in epoch {epoch}, batch {i}")
+            elif stepped is None: continue
+            elif stepped: self.bad_steps = 0
+            else: self.bad(f"non-finite gradients in epoch {epoch}, batch {i}")
+
 # %% ../nbs/03_train.ipynb #454652ac
-def _forward_backward(model, xb, yb, criterion, scale:float, micro_bs:int, amp_dtype, scaler, dist=None):
-    "Backward over `xb` in chunks; `(loss sum, n correct)`, or None at the first non-finite loss (on any rank)."
-    loss_sum, correct = 0., 0
+def _forward_backward(model, xb, yb, criterion, scale:float, micro_bs:int, amp_dtype, scaler):
+    "Backward over `xb` in chunks; device tensors `(loss sum, n correct, 1 if a loss was non-finite else 0)`."
+    loss_sum = correct = bad = 0
     for x, y in zip(xb.split(micro_bs), yb.split(micro_bs)):
         with _autocast(xb.device, amp_dtype):
             out = model(x); loss = criterion(out, y)
-        lv = loss.item()
-        bad = not math.isfinite(lv)
-        # under DDP every rank must skip together, or the others would wait in backward's all-reduce forever
-        if dist is not None and dist.active: bad = all_reduce_sums([bad], dist, xb.device)[0] > 0
-        if bad: return None
         l = loss * (scale * len(x) / len(xb))
         (scaler.scale(l) if scaler is not None else l).backward()
-        loss_sum += lv * len(x); correct += (out.argmax(1) == y).sum().item()
-    return loss_sum, correct
+        lv = loss.detach().float()
+        loss_sum, correct = loss_sum + lv * len(x), correct + (out.detach().argmax(1) == y).sum()
+        bad = bad | ~torch.isfinite(lv)
+    return loss_sum, correct, torch.as_tensor(bad, device=xb.device).long()
 
 # %% ../nbs/03_train.ipynb #84cb0ea9
+OOM_LAST_RESORT = ("out of memory even with one image per step; free the GPU memory other processes hold (nvidia-smi), "
+                   "or train a smaller backbone (--model-name mobilenet_v2), in mixed precision (--mixed-precision), "
+                   "or with a frozen backbone (--freeze-layers -1)")
+
 def _step_batch(model, xb, yb, criterion, optimizer, scale, guard:StepGuard, amp_dtype, scaler, accum:int=1, dist=None):
     "`_forward_backward` that halves the micro-batch and retries when memory runs out."
     while True:
         mbs = min(guard.micro_bs or len(xb), len(xb))
-        try: return _forward_backward(model, xb, yb, criterion, scale, mbs, amp_dtype, scaler, dist)
+        try: return _forward_backward(model, xb, yb, criterion, scale, mbs, amp_dtype, scaler)
         except torch.OutOfMemoryError: pass  # leave the except block so the failed graph can be freed
         optimizer.zero_grad(set_to_none=True)
         if xb.device.type == 'cuda': torch.cuda.empty_cache()
-        if mbs <= 1: raise torch.OutOfMemoryError("out of memory even with one image per step; use a smaller model or image size")
+        if mbs <= 1: raise torch.OutOfMemoryError(OOM_LAST_RESORT)
         half, accum_next = mbs // 2, math.ceil(len(xb) * accum / max(1, mbs // 2))
         if dist is not None and dist.active:  # one rank retrying alone would desynchronise DDP's collectives: stop the job
             raise torch.OutOfMemoryError(f"out of memory on rank {dist.rank} with {mbs} images per step; restart with "
@@ -146,15 +172,23 @@ def _step_batch(model, xb, yb, criterion, optimizer, scale, guard:StepGuard, amp
                       f"(same effective batch); next time pass --batch-size {half} --grad-accum-steps {accum_next}")
 
 # %% ../nbs/03_train.ipynb #e9865ed7
-def _optimizer_step(optimizer, scaler, clip:float) -> bool:
-    "Unscale, clip to `clip` (0: no clipping) and step; False (no step taken) when the gradients are not finite."
+def _optimizer_step(optimizer, scaler, clip:float, bad=None, # non-finite losses in this window (device tensor)
+                    dist=None) -> torch.Tensor:
+    "Unscale, clip (0: off) and step unless the gradients or a loss of the window (any rank) are not finite; device bool: stepped."
     params = [p for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
     if scaler is not None: scaler.unscale_(optimizer)
     norm = nn.utils.clip_grad_norm_(params, clip) if clip > 0 else nn.utils.get_total_norm([p.grad for p in params])
-    ok = scaler is not None or bool(torch.isfinite(norm))  # the scaler skips non-finite steps itself
-    if ok:
-        if scaler is not None: scaler.step(optimizer); scaler.update()
-        else: optimizer.step()
+    if bad is None: bad = torch.zeros((), dtype=torch.long, device=norm.device)
+    if dist is not None and dist.active: bad = bad.clone(); tdist.all_reduce(bad)  # every rank takes the same decision
+    ok = (bad == 0) if scaler is not None else torch.isfinite(norm) & (bad == 0)  # the scaler skips non-finite steps itself
+    if scaler is not None:
+        if bool(ok): scaler.step(optimizer)
+        scaler.update()
+    elif optimizer.defaults.get('fused'):  # skipped inside the fused kernel: no host synchronisation
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
+        try: optimizer.step()
+        finally: del optimizer.grad_scale, optimizer.found_inf
+    elif bool(ok): optimizer.step()        # other optimizers need the verdict on the host
     optimizer.zero_grad(set_to_none=True)
     return ok
 
@@ -219,65 +253,69 @@ def broadcast_buffers(model:nn.Module, dist:DistInfo|None=None):
     if dist is None or not dist.active: return
     for b in _underlying(model).buffers(): tdist.broadcast(b, 0)
 
-# %% ../nbs/03_train.ipynb #ee66a7f5
-class ShardSampler(Sampler):
-    "Indices `rank, rank + world_size, …` of `data_source`: every index exactly once across ranks, no padding."
-    def __init__(self, data_source, rank:int=0, world_size:int=1):
-        if not 0 <= rank < world_size: raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.n, self.rank, self.world_size = len(data_source), rank, world_size
-    def __iter__(self): return iter(range(self.rank, self.n, self.world_size))
-    def __len__(self): return len(range(self.rank, self.n, self.world_size))
-
-# %% ../nbs/03_train.ipynb #9f0c3c89
-def shard_loader(dl:DataLoader, sampler, drop_last:bool|None=None) -> DataLoader:
-    "`dl` rebuilt around `sampler`: same dataset, batch size, collate, workers and seeding."
-    new = DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
-                     pin_memory=dl.pin_memory, drop_last=dl.drop_last if drop_last is None else drop_last, timeout=dl.timeout,
-                     worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
-                     prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device)
-    for k, v in vars(dl).items(): vars(new).setdefault(k, v)   # what data.make_loader attaches, e.g. `seed`
-    return new
-
-def shard_loaders(train_dl:DataLoader, val_dl:DataLoader, dist:DistInfo, seed:int) -> tuple:
-    "`(train, val)` loaders over this rank's share: shuffled equal shards for training, exact shards for validation."
-    ts = DistributedSampler(train_dl.dataset, dist.world_size, dist.rank, shuffle=True, seed=seed)
-    bs = train_dl.batch_size  # as data.make_loader: a last batch of one image breaks BatchNorm, so drop it (only it)
-    return (shard_loader(train_dl, ts, drop_last=bs > 1 and ts.num_samples % bs == 1),
-            shard_loader(val_dl, ShardSampler(val_dl.dataset, dist.rank, dist.world_size)))
-
 # %% ../nbs/03_train.ipynb #44b2148c
 def _to(x, device, channels_last=False):
     return x.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format)
 
+class _NoBar:
+    "A stand-in for a tqdm bar: iterates, ignores `set_postfix`."
+    def __init__(self, it): self.it = it
+    def __iter__(self): return iter(self.it)
+    def set_postfix(self, *a, **k): pass
+
+def _bar(it, enabled:bool, **kw):
+    "A tqdm progress bar over `it` when `enabled` and tqdm is installed (a bare GPU machine may lack it), else a stand-in."
+    try:
+        if enabled: from tqdm.auto import tqdm; return tqdm(it, **kw)
+    except ImportError: pass
+    return _NoBar(it)
+
+def _sum_dtype(device:torch.device):
+    "float64 for the epoch's device-side sums (exact counts), float32 where the device has no float64 (MPS)."
+    return torch.float32 if device.type == 'mps' else torch.float64
+
+def _read(sums:torch.Tensor, events:list) -> tuple:
+    "One host synchronisation: the epoch's device sums and the pending `(batch, bad, stepped)` verdicts as numbers."
+    flags = [f for _, b, s in events for f in (b, b if s is None else s)]
+    vals = torch.cat([sums, torch.stack(flags).to(sums.dtype)]) if flags else sums
+    vals = vals.tolist()
+    return vals[:3], [(i, vals[3 + 2 * k] > 0, None if s is None else vals[4 + 2 * k] > 0) for k, (i, _, s) in enumerate(events)]
+
+# %% ../nbs/03_train.ipynb #37b20c65
 def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
                 scaler=None, amp_dtype=None,          # from `amp_settings`
                 grad_accum_steps:int=1, grad_clip_norm:float=1.0, # clip the global grad norm (0: off)
                 guard:StepGuard|None=None,            # carries OOM/NaN state across epochs
-                progress:bool=True, log_interval:int=10, total_epochs:int|None=None, channels_last:bool=False,
-                dist:DistInfo|None=None) -> tuple:             # under torchrun: metrics summed over all ranks
+                progress:bool=True, log_interval:int=10, # batches between host reads (progress bar, NaN checks)
+                total_epochs:int|None=None, channels_last:bool=False,
+                dist:DistInfo|None=None) -> tuple:    # under torchrun: metrics summed over all ranks
     "One training pass; `(average loss, accuracy)` over the batches used (by all ranks under torchrun)."
     device, guard = torch.device(device), guard or StepGuard()
-    n, seen, loss_sum, correct, t0 = len(train_loader), 0, 0., 0, time.perf_counter()
+    n, t0 = len(train_loader), time.perf_counter()
     if n == 0: raise ValueError("train_loader yields no batches; check the data folder and --batch-size")
-    model.train(); optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(train_loader, desc=f"epoch {epoch}{f'/{total_epochs}' if total_epochs else ''}", leave=False, disable=not progress)
+    cuda_speedups(device); model.train(); optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)   # loss × images, correct, images: on the device all epoch
+    window_bad, events = torch.zeros((), dtype=torch.long, device=device), []
+    bar = _bar(train_loader, progress, desc=f"epoch {epoch}{f'/{total_epochs}' if total_epochs else ''}", leave=False)
     for i, (xb, yb) in enumerate(bar):
-        if len(yb) == 0: continue
-        xb, yb = _to(xb, device, channels_last), yb.to(device, non_blocking=True)
-        window = min(grad_accum_steps, n - i // grad_accum_steps * grad_accum_steps)
-        step_now = (i + 1) % grad_accum_steps == 0 or i + 1 == n
-        # under DDP, all-reduce gradients only for the batch that ends an accumulation window
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not step_now else nullcontext():
-            res = _step_batch(model, xb, yb, criterion, optimizer, 1 / window, guard, amp_dtype, scaler, grad_accum_steps, dist)
-        if res is None:
-            optimizer.zero_grad(set_to_none=True); guard.bad(f"non-finite loss in epoch {epoch}, batch {i+1}"); continue
-        seen, loss_sum, correct = seen + len(yb), loss_sum + res[0], correct + res[1]
-        if step_now:
-            if _optimizer_step(optimizer, scaler, grad_clip_norm): guard.bad_steps = 0
-            else: guard.bad(f"non-finite gradients in epoch {epoch}, batch {i+1}")
-        if progress and ((i + 1) % log_interval == 0 or i + 1 == n):
-            bar.set_postfix(loss=f'{loss_sum/seen:.4f}', acc=f'{correct/seen:.3f}', img_s=f'{seen/(time.perf_counter()-t0):.1f}', refresh=False)
-    loss_sum, correct, seen = all_reduce_sums([loss_sum, correct, seen], dist, device)
+        if len(yb):
+            xb, yb = _to(xb, device, channels_last), yb.to(device, non_blocking=True)
+            window = min(grad_accum_steps, n - i // grad_accum_steps * grad_accum_steps)
+            step_now = (i + 1) % grad_accum_steps == 0 or i + 1 == n
+            # under DDP, all-reduce gradients only for the batch that ends an accumulation window
+            with model.no_sync() if isinstance(model, DistributedDataParallel) and not step_now else nullcontext():
+                ls, correct, bad = _step_batch(model, xb, yb, criterion, optimizer, 1 / window, guard, amp_dtype, scaler, grad_accum_steps, dist)
+            keep = (bad == 0).to(sums.dtype)   # a non-finite batch counts for nothing, as if skipped
+            sums += torch.stack([torch.nan_to_num(ls * keep, 0., 0., 0.), correct * keep, keep * len(yb)])
+            window_bad = window_bad + bad
+            stepped = _optimizer_step(optimizer, scaler, grad_clip_norm, window_bad, dist) if step_now else None
+            if step_now: window_bad = torch.zeros_like(window_bad)
+            events.append((i + 1, bad, stepped))
+        if (i + 1) % log_interval == 0 or i + 1 == n:
+            (loss_sum, correct_sum, seen), verdicts = _read(sums, events); events = []
+            guard.replay(verdicts, epoch)
+            if seen: bar.set_postfix(loss=f'{loss_sum/seen:.4f}', acc=f'{correct_sum/seen:.3f}', img_s=f'{seen/(time.perf_counter()-t0):.1f}', refresh=False)
+    loss_sum, correct, seen = all_reduce_sums(sums.tolist(), dist, device)
     guard.images, guard.seconds = seen, time.perf_counter() - t0
     return (loss_sum / seen, correct / seen) if seen else (math.nan, 0.0)
 
@@ -288,13 +326,13 @@ def validate_epoch(model, val_loader, criterion, device, *, amp_dtype=None, prog
     "`(average loss, accuracy)` of `model` on `val_loader` (on every rank's share of it under torchrun) in eval mode."
     device = torch.device(device); model.eval()
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
-    for xb, yb in tqdm(val_loader, desc='validate', leave=False, disable=not progress):
+    for xb, yb in _bar(val_loader, progress, desc='validate', leave=False):
         if len(yb) == 0: continue
         xb, yb = _to(xb, device, channels_last), yb.to(device, non_blocking=True)
         with _autocast(device, amp_dtype): out = model(xb)
         loss_sum += criterion(out.float(), yb) * len(yb)   # criterion averages over the batch
         correct += (out.argmax(1) == yb).sum(); seen += len(yb)
-    loss_sum, correct, seen = all_reduce_sums([loss_sum.item(), correct.item(), seen], dist, device)
+    loss_sum, correct, seen = all_reduce_sums([*torch.stack([loss_sum.to(_sum_dtype(device)), correct.to(_sum_dtype(device))]).tolist(), seen], dist, device)  # one sync
     if not seen: raise ValueError("val_loader yielded no images; check the data folder (every validation image may be unreadable)")
     return loss_sum / seen, correct / seen
 
@@ -319,25 +357,36 @@ def save_epoch_checkpoints(checkpoint_dir:str|Path, model, optimizer, epoch:int,
 
 # %% ../nbs/03_train.ipynb #4dd93ca4
 def resolve_data_pipeline(choice:str,          # 'auto', 'cpu' or 'gpu' (`--data-pipeline`)
-                          device:torch.device) -> str:
+                          device:torch.device,
+                          probe=None) -> str:  # None, or a call returning None (GPU path fine) or why it is not
     "'gpu' or 'cpu': where batches are decoded and augmented for a run on `device`."
     if choice not in ('auto', 'cpu', 'gpu'): raise ValueError(f"data_pipeline {choice!r} is not supported; choose one of: auto, cpu, gpu")
-    if choice == 'gpu' and device.type != 'cuda':
-        warnings.warn(f"--data-pipeline gpu needs a CUDA device, not {device.type}; using the CPU pipeline"); return 'cpu'
-    return 'gpu' if choice == 'gpu' or (choice == 'auto' and device.type == 'cuda') else 'cpu'
+    if choice == 'cpu' or (choice == 'auto' and device.type != 'cuda'): return 'cpu'
+    if device.type != 'cuda':
+        raise ValueError(f"--data-pipeline gpu needs a CUDA device, not {device.type}; use --data-pipeline auto or cpu")
+    why = probe() if probe is not None else None
+    if why is None: return 'gpu'
+    if choice == 'gpu':
+        raise ValueError(f"--data-pipeline gpu: the GPU data pipeline failed its start-up check: {why}; use --data-pipeline cpu "
+                         "(or auto, which falls back to it by itself)")
+    warnings.warn(f"the GPU data pipeline failed its start-up check: {why}; training with the CPU pipeline instead")
+    return 'cpu'
 
 # %% ../nbs/03_train.ipynb #664a8f5a
 def make_loaders(cfg:TrainingConfig, device:torch.device, dist:DistInfo|None=None) -> tuple:
-    "`(train_loader, val_loader, class_to_idx)` from `cfg`'s data on the pipeline it asks for, sharded under torchrun."
+    "`(train_loader, val_loader, class_to_idx)` from `cfg`'s data on the pipeline it resolves to; this rank's share under torchrun."
     if cfg.download and (dist is None or dist.is_main) and data.find_dataset(cfg.data_dir) is None:
         data.download_food101(cfg.data_dir)          # `--download`: once, by rank 0
     if cfg.download and dist is not None and dist.active: tdist.barrier()
-    kw = dict(train_split=cfg.train_split, seed=cfg.seed, max_per_class=cfg.max_per_class)
-    gpu = resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu'
-    if gpu: tr, va, c2i, tp, vp = gpu_data.get_gpu_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, device=device, channels_last=True, **kw)
-    else: tr, va, c2i = data.get_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, **kw)
-    if dist is not None and dist.active: tr, va = shard_loaders(tr, va, dist, cfg.seed)
-    return (gpu_data.DevicePrefetcher(tr, tp), gpu_data.DevicePrefetcher(va, vp), c2i) if gpu else (tr, va, c2i)
+    kw = dict(train_split=cfg.train_split, seed=cfg.seed, max_per_class=cfg.max_per_class, augment=data.AugmentSpec.from_config(cfg),
+              shard=(dist.rank, dist.world_size) if dist is not None and dist.active else None)
+    if resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu':
+        tr, va, c2i, tp, vp = gpu_data.get_gpu_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, device=device, channels_last=True,
+                                                            strict_decode=cfg.data_pipeline == 'gpu', **kw)
+        probe = lambda: gpu_data.probe_gpu_pipeline([p for p, _ in va.dataset.samples + tr.dataset.samples], device)
+        if resolve_data_pipeline(cfg.data_pipeline, device, probe) == 'gpu':
+            return gpu_data.DevicePrefetcher(tr, tp, threaded=True), gpu_data.DevicePrefetcher(va, vp, threaded=True), c2i
+    return data.get_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, **kw)
 
 def start_epoch(loader, epoch:int, seed:int, dist:DistInfo|None=None):
     "Make `loader`'s order (and GPU augmentation) for `epoch` pure functions of `(seed, epoch)` (and the rank)."

@@ -208,7 +208,7 @@ def test_loader_settings_and_resumable_order():
     flat = lambda loader: [x for b in loader for x in b.tolist()]
     epochs = []
     for e in range(3): set_loader_epoch(dl, e); epochs.append(flat(dl))  # one run, persistent workers
-    assert epochs[0] != epochs[1] and all(sorted(o) == ds for o in epochs)
+    assert epochs[0] != epochs[1] and all(len(o) == 20 and set(o) < set(ds) for o in epochs)  # 23 = 5 x 4 + a ragged 3, dropped
     resumed = make_loader(ds, 4, shuffle=True, num_workers=2, seed=5, pin_memory=False)
     set_loader_epoch(resumed, 2)
     assert flat(resumed) == epochs[2]  # a run resumed at epoch 2 sees epoch 2's order

@@ -19,7 +19,8 @@ from torch.utils.data import TensorDataset
 
 from conftest import free_port
 from nutrilearn_train import data
-from nutrilearn_train.train import DistInfo, ShardSampler, all_reduce_sums, shard_loaders, teardown_distributed
+from nutrilearn_train.data import ShardSampler
+from nutrilearn_train.train import DistInfo, all_reduce_sums, teardown_distributed
 
 PROPS = settings(max_examples=100, deadline=None, derandomize=True)
 MINI = Path(__file__).parents[1].parent/'shared/data/food-101-mini'
@@ -27,10 +28,10 @@ BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 300  # seconds for one job; each takes ~15-25 s on 2 cores
 
 
-def index_loaders(n, bs, seed):
-    "Train/val loaders (as `data.make_loader` builds them) whose labels are the sample indices."
-    ds = TensorDataset(torch.zeros(n, 1), torch.arange(n))
-    return data.make_loader(ds, bs, shuffle=True, seed=seed), data.make_loader(ds, bs)
+def index_loaders(n, bs, seed, dist):
+    "This rank's train/val loaders, built once with their samplers as `data.make_loader` does under torchrun; labels = indices."
+    ds, shard = TensorDataset(torch.zeros(n, 1), torch.arange(n)), (dist.rank, dist.world_size)
+    return data.make_loader(ds, bs, shuffle=True, seed=seed, shard=shard), data.make_loader(ds, bs, shard=shard)
 
 
 def labels_seen(dl) -> list: return [int(y) for _, yb in dl for y in yb]
@@ -44,27 +45,28 @@ def test_val_shards_cover_every_index_exactly_once(n, ws, bs):
     shards = [list(ShardSampler(ds, r, ws)) for r in range(ws)]
     assert sorted(sum(shards, [])) == list(range(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1 and [len(ShardSampler(ds, r, ws)) for r in range(ws)] == list(map(len, shards))
-    if n:   # through the rebuilt loaders the trainer uses
-        vals = [labels_seen(shard_loaders(*index_loaders(n, bs, 0), DistInfo(r, ws, r, True), 0)[1]) for r in range(ws)]
+    if n:   # through the loaders the trainer uses
+        vals = [labels_seen(index_loaders(n, bs, 0, DistInfo(r, ws, r, True))[1]) for r in range(ws)]
         assert sorted(sum(vals, [])) == list(range(n))
 
 
 # Train: equal shards (so the ranks' gradient all-reduces stay in step), an order that is a pure function of (seed, epoch),
 # and every index exactly once per epoch when the size divides by the world size. Otherwise DistributedSampler pads with
 # the first indices of that epoch's order: every index at least once, ws * ceil(n / ws) - n extra slots, each index at
-# most twice (more only with fewer images than ranks). A last batch
-# of a single image is dropped (BatchNorm), on every rank alike.
+# most twice (more only with fewer images than ranks). A ragged last batch is dropped (`data.ragged_last_batch`:
+# kept only when it is the only one, and never a single image), on every rank alike.
 @PROPS
 @given(n=st.integers(1, 200), ws=st.integers(1, 4), bs=st.integers(1, 8), seed=st.integers(0, 10**6), epoch=st.integers(1, 50))
 def test_train_shards_cover_every_index_once_per_epoch(n, ws, bs, seed, epoch):
     def epoch_shards():
-        loaders = [shard_loaders(*index_loaders(n, bs, seed), DistInfo(r, ws, r, True), seed)[0] for r in range(ws)]
+        loaders = [index_loaders(n, bs, seed, DistInfo(r, ws, r, True))[0] for r in range(ws)]
         for dl in loaders: data.set_loader_epoch(dl, epoch)
         return loaders, [labels_seen(dl) for dl in loaders]
     loaders, shards = epoch_shards()
     per_rank = math.ceil(n / ws)
-    dropped = bs > 1 and per_rank % bs == 1
+    dropped = per_rank % bs if data.ragged_last_batch(per_rank, bs) else 0
     assert [len(s) for s in shards] == [per_rank - dropped] * ws and len({len(dl) for dl in loaders}) == 1
+    assert all(len(yb) == bs for dl in loaders for _, yb in dl) or per_rank < bs   # no ragged training batch
     assert epoch_shards()[1] == shards                      # reproducible: a resumed run sees the same order
     counts = Counter(sum(shards, []))
     if not dropped:
@@ -126,7 +128,7 @@ def _nan_on_rank_1(rank, init_file, out_dir):
     "One rank of a 2-process Gloo job: rank 1's loss is NaN, rank 0's is finite."
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel
-    from nutrilearn_train.train import _forward_backward
+    from nutrilearn_train.train import _forward_backward, _optimizer_step
     tdist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
@@ -134,17 +136,20 @@ def _nan_on_rank_1(rank, init_file, out_dir):
         class Net(nn.Module):
             def __init__(self): super().__init__(); self.lin = lin
             def forward(self, x): return self.lin(x) * (float('nan') if rank == 1 else 1.)
-        res = _forward_backward(DistributedDataParallel(Net()), torch.randn(4, 4), torch.tensor([0, 1, 0, 1]),
-                                nn.CrossEntropyLoss(), 1., 4, None, None, DistInfo(rank, 2, 0, active=True))
-        Path(out_dir, f'rank{rank}').write_text('skipped' if res is None else 'stepped')
+        model = DistributedDataParallel(Net()); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        bad = _forward_backward(model, torch.randn(4, 4), torch.tensor([0, 1, 0, 1]), nn.CrossEntropyLoss(), 1., 4, None, None)[2]
+        stepped = bool(_optimizer_step(opt, None, 0., bad, DistInfo(rank, 2, 0, active=True)))
+        moved = not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        Path(out_dir, f'rank{rank}').write_text(f"{'stepped' if stepped else 'skipped'} {'moved' if moved else 'unchanged'}")
     finally: tdist.destroy_process_group()
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    "Ranks agree on a non-finite loss before backward, so none waits alone in DDP's gradient all-reduce."
+    "Every rank runs backward (so none waits alone in DDP's gradient all-reduce) and all agree to skip the step."
     import torch.multiprocessing as mp
     mp.start_processes(_nan_on_rank_1, args=(str(tmp_path / 'pg'), str(tmp_path)), nprocs=2, start_method='spawn', join=True)
-    assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['skipped', 'skipped']
+    assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['skipped unchanged', 'skipped unchanged']
 
 
 def odd_tree(root:Path) -> Path:

@@ -13,12 +13,14 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.transforms.functional import pil_to_tensor
 
-from nutrilearn_train.config import make_generator
-from nutrilearn_train.data import IMAGENET_MEAN, IMAGENET_STD, build_val_transform, get_data_loaders, load_image
+import cuda_checks
+from nutrilearn_train.config import TrainingConfig, make_generator
+from nutrilearn_train.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_train_transform, build_val_transform,
+                                   get_data_loaders, load_image, set_loader_epoch)
 from nutrilearn_train.gpu_data import (ByteBatch, DevicePrefetcher, GPUBatchPipeline, collate_bytes, color_jitter_batch,
-                                       crop_resize, decode_items, device_decodable, get_gpu_data_loaders, jpeg_header,
-                                       pad_images, read_image_bytes, resize_center_crop, sample_crop_boxes,
-                                       sample_train_params)
+                                       crop_resize, crop_resize_groups, decode_items, device_decodable, get_gpu_data_loaders,
+                                       jpeg_header, pad_images, probe_gpu_pipeline, read_image_bytes, resize_center_crop,
+                                       sample_crop_boxes, sample_train_params)
 
 MINI = Path(__file__).parents[1].parent/'shared/data/food-101-mini'
 PROPS = settings(max_examples=100, deadline=None, derandomize=True)
@@ -265,7 +267,7 @@ def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path):
     "Through the loaders (scan='none': every bad file reaches a worker) each bad file is skipped once per pass with its name."
     _bad_tree(tmp_path)
     with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
+        warnings.simplefilter('always'); warnings.filterwarnings('ignore', category=DeprecationWarning)
         tr, va, c2i, tp, vp = get_gpu_data_loaders(tmp_path, 4, 0, device='cpu', train_split=0.5, seed=0, image_size=32, scan='none')
         n = sum(len(tp(b)[1]) for b in tr) + sum(len(vp(b)[1]) for b in va)
     assert n == 10  # 5 usable files x 2 classes
@@ -284,7 +286,7 @@ def test_corrupt_scan_data_is_decoded_or_skipped(cut, seed):
     broken = bytearray(good); pos = min(len(good) - 3, cut + 200)
     broken[pos:pos + 20] = rng.integers(0, 256, len(broken[pos:pos + 20]), dtype=np.uint8).tobytes()
     with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
+        warnings.simplefilter('always'); warnings.filterwarnings('ignore', category=DeprecationWarning)
         xb, yb = GPUBatchPipeline(False, 'cpu', 16, 20)([_as_item(good), _as_item(bytes(broken)), _as_item(good)], [0, 1, 2], ['g', 'broken.jpg', 'g'])
     assert yb.tolist() in ([0, 1, 2], [0, 2]) and len(xb) == len(yb)
     if len(yb) == 2: assert any('skipping bad image broken.jpg' in str(m.message) for m in w)
@@ -336,4 +338,155 @@ def test_prefetcher_yields_every_image_once(threaded):
     ys = torch.cat([y for _, y in DevicePrefetcher(va, vp, threaded=threaded)])
     assert ys.tolist() == va.dataset.targets
     n = sum(len(y) for x, y in DevicePrefetcher(tr, tp, threaded=threaded))
-    assert len(tr.dataset) - 1 <= n <= len(tr.dataset)  # a lone last image may be dropped (BatchNorm)
+    assert n == len(tr.dataset) // 16 * 16  # the ragged last batch is dropped (BatchNorm, and no recompile under --compile)
+
+
+# ---------------------------------------------------------------- issue 11 item 7: one augmentation spec, both pipelines
+
+def _in_ranges(box, H, W, scale, ratio):
+    "A rounded (h, w) box that an unrounded area in `scale`·H·W and an aspect in `ratio` can produce."
+    t, l, h, w = box
+    a_lo, a_hi = max(w - .5, 0) * max(h - .5, 0), (w + .5) * (h + .5)
+    r_lo, r_hi = max(w - .5, 0) / (h + .5), (w + .5) / max(h - .5, 1e-9)
+    return a_lo <= scale[1] * H * W and a_hi >= scale[0] * H * W and r_lo <= ratio[1] and r_hi >= ratio[0]
+
+
+def _torchvision_fallback(H, W, ratio):
+    "torchvision's centre crop when 10 attempts miss (what both paths use then)."
+    r = W / H
+    w, h = (W, round(W / ratio[0])) if r < ratio[0] else ((round(H * ratio[1]), H) if r > ratio[1] else (W, H))
+    return ((H - h) // 2, (W - w) // 2, h, w)
+
+
+@st.composite
+def specs(draw):
+    "An `AugmentSpec` as `TrainingConfig` validates it: 0 < scale_min <= scale_max <= 1, 0 < ratio_min <= ratio_max."
+    s0 = draw(st.floats(0.01, 1.0)); s1 = draw(st.floats(s0, 1.0))
+    r0 = draw(st.floats(0.2, 3.0)); r1 = draw(st.floats(r0, 4.0))
+    return AugmentSpec((s0, s1), (r0, r1), draw(st.floats(0, 1)), (0.2, 0.2, 0.2))
+
+
+@PROPS
+@given(specs(), st.lists(st.tuples(st.integers(16, 400), st.integers(16, 400)), min_size=1, max_size=8), st.integers(0, 2**31))
+def test_both_pipelines_draw_crops_within_the_configured_ranges(spec, sizes, seed):
+    "The CPU transform built from a spec and the GPU pipeline built from the same spec draw crop areas and aspects in its ranges."
+    cfg = TrainingConfig(crop_scale_min=spec.scale[0], crop_scale_max=spec.scale[1], crop_ratio_min=spec.ratio[0],
+                         crop_ratio_max=spec.ratio[1], flip_prob=spec.flip_p, tracking_uri='sqlite:////unused.db')
+    spec = AugmentSpec.from_config(cfg)                       # the fields both pipelines read
+    rrc = build_train_transform(32, spec).transforms[0]       # CPU: torchvision's RandomResizedCrop, as configured
+    assert (tuple(rrc.scale), tuple(rrc.ratio)) == (spec.scale, spec.ratio)
+    torch.manual_seed(seed)
+    cpu = [(tuple(rrc.get_params(torch.zeros(1, H, W), rrc.scale, rrc.ratio)), H, W) for H, W in sizes]
+    _, tr, _, tp, _ = _gpu_pipelines(spec, seed)
+    tp([_as_item(_encode(_rand_image(seed, H, W))) for H, W in sizes])   # GPU path (on CPU tensors): the real pipeline call
+    p = tp.last_params
+    gpu = [(tuple(b), H, W) for b, (H, W) in zip(p['boxes'].tolist(), sizes)]
+    assert (tp.scale, tp.ratio, tp.flip_p) == (spec.scale, spec.ratio, spec.flip_p)
+    for box, H, W in cpu + gpu:
+        assert _in_ranges(box, H, W, spec.scale, spec.ratio) or box == _torchvision_fallback(H, W, spec.ratio), (box, H, W, spec)
+    for fb, (box, H, W) in zip(p['fallback'].tolist(), gpu):
+        if not fb: assert _in_ranges(box, H, W, spec.scale, spec.ratio), (box, H, W, spec)
+
+
+def _gpu_pipelines(spec, seed):
+    "`get_gpu_data_loaders`' pipelines for `spec` without a dataset: what `train.make_loaders` hands it."
+    pipe = lambda train: GPUBatchPipeline(train, 'cpu', 32, 37, generator=make_generator(seed), scale=spec.scale,
+                                          ratio=spec.ratio, flip_p=spec.flip_p, jitter=spec.jitter)
+    return None, None, None, pipe(True), pipe(False)
+
+
+def test_gpu_loaders_take_the_spec(tmp_path):
+    "get_gpu_data_loaders passes the spec to its training pipeline (and the CPU loaders to their transform)."
+    _bad_tree(tmp_path); root = tmp_path
+    spec = AugmentSpec((0.3, 0.4), (0.9, 1.1), 0.0, (0.0, 0.1, 0.0))
+    warnings.simplefilter('ignore')   # the tree's bad files
+    *_, tp, vp = get_gpu_data_loaders(root, 2, 0, device='cpu', train_split=0.5, seed=0, image_size=32, augment=spec)
+    assert (tp.scale, tp.ratio, tp.flip_p, tp.jitter) == (spec.scale, spec.ratio, spec.flip_p, spec.jitter)
+    tr, _, _ = get_data_loaders(root, 2, 0, train_split=0.5, seed=0, image_size=32, augment=spec)
+    rrc, flip = tr.dataset.transform.transforms[:2]
+    assert (rrc.scale, rrc.ratio, flip.p) == (spec.scale, spec.ratio, spec.flip_p)
+
+
+def test_crop_areas_cover_the_configured_range():
+    "Over many draws the area fractions spread across [scale_min, scale_max] (the ranges are used, not just respected)."
+    boxes, fb = sample_crop_boxes(torch.tensor([[300, 300]] * 4000), (0.3, 0.6), (0.9, 1.1), generator=make_generator(0))
+    frac = (boxes[:, 2] * boxes[:, 3]).double() / 90000
+    assert not fb.any() and 0.29 < frac.min() < 0.32 and 0.58 < frac.max() < 0.61
+
+
+# ---------------------------------------------------------------- issue 12: memory, threaded prefetcher, the GPU checks on CPU
+
+@PROPS
+@given(st.lists(st.sampled_from([(20, 40), (31, 17), (9, 9), (64, 48)]), min_size=1, max_size=10), st.integers(1, 40),
+       st.integers(0, 2**31), st.booleans())
+def test_per_shape_roi_align_equals_the_canvas(shapes, size, seed, tiny_budget):
+    "`crop_resize_groups` (one roi_align per shape, chunked) returns what one padded canvas returns."
+    g = make_generator(seed)
+    ims = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    boxes, _ = sample_crop_boxes(torch.tensor(shapes), generator=g)
+    got = crop_resize_groups(ims, boxes, size, max_elements=1 if tiny_budget else 2**27)
+    torch.testing.assert_close(got, crop_resize(pad_images(ims), boxes, size), atol=1e-3, rtol=0)
+
+
+def test_threaded_and_serial_prefetchers_give_identical_training_batches(tmp_path):
+    "The threaded prefetcher (what make_loaders uses) yields exactly the serial one's batches, epoch after epoch."
+    _bad_tree(tmp_path); root = tmp_path
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        tr, _, _, tp, _ = get_gpu_data_loaders(root, 2, 0, device='cpu', train_split=0.5, seed=0, image_size=32, scan='full')
+        runs = []
+        for threaded in (False, True):
+            pf, out = DevicePrefetcher(tr, tp, threaded=threaded), []
+            for epoch in (1, 2):
+                set_loader_epoch(pf, epoch); tp.reseed(100 + epoch)
+                out += [(x.clone(), y.clone()) for x, y in pf]
+            runs.append(out)
+    assert len(runs[0]) == len(runs[1]) > 0
+    for (xa, ya), (xb, yb) in zip(*runs): assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_cuda_checks_run_on_the_cpu():
+    "The functions tests/test_cuda.py runs on a GPU, here on CPU tensors: they pass, and the stress check can fail."
+    files = cuda_checks.mini_files(40) if (cuda_checks.MINI / 'food-101/images').is_dir() else pytest.skip('no food-101-mini')
+    assert cuda_checks.decode_agreement(files, 'cpu') == dict(max=0.0, mean=0.0, same_shapes=True)   # libjpeg both ways
+    r = cuda_checks.val_vs_pil(files, 'cpu'); assert r['mean'] <= 0.004 and r['max'] <= 0.02
+    assert cuda_checks.decode_race_stress(files, 'cpu', batches=3, batch_size=6, workers=0) == []
+    assert len(cuda_checks.decode_race_stress(files, 'cpu', batches=3, batch_size=6, workers=0, corrupt=True)) == 3
+    tr, va, _, tp, vp = get_gpu_data_loaders(cuda_checks.MINI, 8, 0, device='cpu', max_per_class=2, channels_last=True)
+    assert cuda_checks.check_prefetched_batches(tr, tp, threaded=True) == len(tr) == 1   # 10 images: 8, the ragged 2 dropped
+    assert cuda_checks.check_prefetched_batches(va, vp, threaded=False) == len(va) == 2
+
+
+def test_probe_passes_on_real_jpegs_and_names_a_broken_decoder(monkeypatch):
+    files = need_mini() and cuda_checks.mini_files(60)
+    assert probe_gpu_pipeline(files, 'cpu') is None
+    import nutrilearn_train.gpu_data as gd
+    def broken(x, device): raise RuntimeError('nvjpeg: NVJPEG_STATUS_ARCH_MISMATCH (simulated)')
+    monkeypatch.setattr(gd, '_decode_jpeg', broken)
+    assert probe_gpu_pipeline(files, 'cpu') == ("it raised RuntimeError: the cpu JPEG decoder failed on every image of a batch that "
+        "PIL decodes (RuntimeError: nvjpeg: NVJPEG_STATUS_ARCH_MISMATCH (simulated)); use --data-pipeline cpu (or auto, which "
+        "falls back by itself)")
+
+
+def test_augmentation_fields_are_logged_as_params():
+    "The spec's fields are TrainingConfig fields, so `train` logs them with the other MLflow params."
+    import types
+    from nutrilearn_train.config import AUGMENT_HELP
+    from nutrilearn_train.train import train_params
+    cfg = TrainingConfig(crop_scale_min=0.3, jitter_contrast=0., tracking_uri='sqlite:////unused.db')
+    dl = types.SimpleNamespace(dataset=[0] * 3)
+    p = train_params(cfg, dl, dl)
+    assert len(AUGMENT_HELP) == 8 and {k: p[k] for k in AUGMENT_HELP} == {k: getattr(cfg, k) for k in AUGMENT_HELP}
+    assert (p['crop_scale_min'], p['jitter_contrast']) == (0.3, 0.)
+
+
+def test_gpu_training_helper_runs_on_the_cpu(tmp_path):
+    "tests/test_cuda.py's train-and-resume helper, on the CPU (where `auto` picks the CPU pipeline): 1 epoch, then a resume to 2."
+    need_mini()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        r = cuda_checks.train_on_gpu_pipeline(cuda_checks.MINI, tmp_path, 'cpu', compile=False, epochs=1, max_per_class=2,
+                                              batch_size=4, num_workers=0)
+    assert r['tags']['data_pipeline'] == 'cpu' and r['resumed_run']
+    assert [h['epoch'] for h in r['resumed']['history']] == [1, 2] and r['resumed']['history'][:1] == r['first']['history']
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in r['checkpoint_keys'])
