@@ -22,10 +22,10 @@ from .persistence import input_side, load_model_config, load_saved_model, normal
 
 # %% auto #0
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predictions', 'build_inference_transform',
-           'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'load_exported',
-           'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8', 'Predictor',
-           'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route', 'RoutedPredictor',
-           'load_registered_model', 'predict_files', 'predict_main', 'default_export_path', 'require_export_extra',
+           'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'require_export_extra',
+           'load_exported', 'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8',
+           'Predictor', 'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route',
+           'RoutedPredictor', 'load_registered_model', 'predict_files', 'predict_main', 'default_export_path',
            'export_main']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
@@ -119,8 +119,17 @@ def export_metadata(config:dict, # a `model_config.json` dict
             'preprocessing': 'RGB; Resize(resize_size); CenterCrop(input_size); ToTensor; Normalize(mean, std); NCHW float32',
             **extra}
 
+# %% ../nbs/05_inference.ipynb #ec4f8574
+def require_export_extra(fmt:str='onnx'):
+    "Raise a `ValueError` saying how to install onnx/onnxruntime when they are missing (they are the optional `export` extra)."
+    try: import onnx, onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--format {fmt} needs onnx and onnxruntime, which are not installed ({e}); "
+                         'install them with: pip install "nutrilearn_train[export]"') from None
+
 # %% ../nbs/05_inference.ipynb #12fd3844
 def _onnx_session(path:Path, threads:int|None=None):
+    require_export_extra('onnx')
     import onnxruntime as ort  # the `export` extra
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -486,14 +495,6 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument('--calibration-dir', default=None, help="int8: dataset whose training photos calibrate (default: the model's data_dir)")
     p.add_argument('--calibration-images', type=int, default=64, help='int8: how many calibration photos')
     return p
-
-# %% ../nbs/05_inference.ipynb #ec4f8574
-def require_export_extra(fmt:str='onnx'):
-    "Raise a `ValueError` saying how to install onnx/onnxruntime when they are missing (they are the optional `export` extra)."
-    try: import onnx, onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"--format {fmt} needs onnx and onnxruntime, which are not installed ({e}); "
-                         'install them with: pip install "nutrilearn_train[export]"') from None
 
 # %% ../nbs/05_inference.ipynb #afeb475d
 def _int8(model, mc, out, a):
