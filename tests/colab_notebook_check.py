@@ -1,0 +1,87 @@
+"""Run notebook 99 headless in the Colab-like environment and check its widgets at the protocol level.
+
+Called by tests/colab_env.sh with that environment's python (Python 3.13, ipywidgets 7.7.1, torch 2.11, …):
+papermill executes the notebook with autorun (Train through `form.submit()`) on food-101-mini with tiny settings;
+nbclient records every widget model the kernel opened (comm_open + updates) in the notebook's widget-state metadata,
+which is exactly what a frontend receives. Checks: every model is a stock ipywidgets 7 model (`@jupyter-widgets/
+controls` 1.5.0, `base` 1.2.0, `output` 1.0.0) whose state serialises as JSON, every displayed view points at a known
+model, the form's widgets are all there, training ran, and the curves, confusion matrix and predictions arrive as PNGs.
+"""
+import argparse, base64, json, re, sys, time
+from pathlib import Path
+
+# The model modules and versions ipywidgets 7.x speaks (ipywidgets 8 uses controls/base 2.0.0): what Colab's
+# built-in widget manager renders.
+IPYWIDGETS7_MODULES = {'@jupyter-widgets/controls': '1.5.0', '@jupyter-widgets/base': '1.2.0', '@jupyter-widgets/output': '1.0.0'}
+FORM_MODELS = {'DropdownModel', 'BoundedIntTextModel', 'FloatLogSliderModel', 'CheckboxModel', 'TextModel', 'HTMLModel',
+               'ButtonModel', 'OutputModel', 'VBoxModel', 'ImageModel'}
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def widget_problems(nb: dict) -> list:
+    "What is wrong with the widgets recorded in an executed notebook (empty: nothing)."
+    state = nb.get('metadata', {}).get('widgets', {}).get('application/vnd.jupyter.widget-state+json', {}).get('state', {})
+    if not state: return ['no widget state recorded: the notebook created no widgets, or the kernel sent none']
+    bad = []
+    for mid, m in state.items():
+        for kind in ('model', 'view'):
+            mod, ver = m['state'].get(f'_{kind}_module'), m['state'].get(f'_{kind}_module_version')
+            if kind == 'view' and mod is None: continue   # models without views (layouts, styles)
+            if IPYWIDGETS7_MODULES.get(mod) != ver:
+                bad.append(f"{m['model_name']} {mid}: {kind} module {mod} {ver} is not ipywidgets 7's")
+        try: json.dumps(m['state'])
+        except TypeError as e: bad.append(f"{m['model_name']} {mid}: state does not serialise ({e})")
+    missing = FORM_MODELS - {m['model_name'] for m in state.values()}
+    if missing: bad.append(f"the form's widgets are missing: {sorted(missing)}")
+    views = [o['data']['application/vnd.jupyter.widget-view+json'] for c in nb['cells'] for o in c.get('outputs', [])
+             if 'application/vnd.jupyter.widget-view+json' in o.get('data', {})]
+    if not views: bad.append('no widget was displayed')
+    bad += [f"view of unknown model {v['model_id']}" for v in views if v['model_id'] not in state]
+    bad += [f"view protocol {v.get('version_major')}.x is not 2.x" for v in views if v.get('version_major') != 2]
+    charts = [m for m in state.values() if m['model_name'] == 'ImageModel']
+    if not any(base64.b64decode(b['data'])[:8] == PNG for m in charts for b in m.get('buffers', [])):
+        bad.append('the live chart (an Image widget) never received a PNG')
+    return bad
+
+
+def output_problems(nb: dict) -> list:
+    "What is missing from an executed notebook's outputs after Train: errors, the run id, the result PNGs."
+    outs = [o for c in nb['cells'] for o in c.get('outputs', [])]
+    bad = [f"error output: {o['ename']}: {o['evalue']}" for o in outs if o['output_type'] == 'error']
+    text = ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/markdown', '')) for o in outs)
+    if not re.search(r'MLflow run id: [0-9a-f]{32}', text): bad.append('Train did not finish (no "MLflow run id:" line)')
+    if 'Test split:' not in text: bad.append('no test-split evaluation shown')
+    pngs = [base64.b64decode(o['data']['image/png']) for o in outs if 'image/png' in o.get('data', {})]
+    if len(pngs) < 3 or not all(p[:8] == PNG for p in pngs):
+        bad.append(f"expected >= 3 PNG outputs (curves, confusion matrix, predictions), got {len(pngs)}")
+    return bad
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--notebook', required=True); p.add_argument('--data', required=True); p.add_argument('--work', required=True)
+    a = p.parse_args(argv)
+    import ipywidgets, papermill as pm, torch
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, ipywidgets {ipywidgets.__version__}", flush=True)
+    if not ipywidgets.__version__.startswith('7.'):
+        print(f"FAILED: this environment has ipywidgets {ipywidgets.__version__}, not Colab's 7.x"); return 1
+    work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
+    params = dict(data_dir=a.data, model_name='mobilenet_v2', epochs=1, batch_size=8, learning_rate=1e-3, pretrained=False,
+                  mixed_precision=False, max_per_class=3, autorun=True, download=False, work_dir=str(work / 'work'), num_workers=0)
+    t0 = time.monotonic()
+    out = work / 'executed.ipynb'
+    try:
+        pm.execute_notebook(a.notebook, str(out), parameters=params, cwd=str(work), kernel_name='python3',
+                            execution_timeout=900, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        print(f"FAILED: notebook 99 raised in cell {e.exec_count}: {e.ename}: {e.evalue}"); return 1
+    nb = json.loads(out.read_text())
+    bad = output_problems(nb) + widget_problems(nb)
+    state = nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state']
+    print(f"notebook 99 ran in {time.monotonic() - t0:.0f} s; {len(state)} widget models: "
+          + ', '.join(sorted({m['model_name'] for m in state.values()})))
+    for b in bad: print(f"FAILED: {b}")
+    return 1 if bad else 0
+
+
+if __name__ == '__main__': sys.exit(main())
