@@ -4,14 +4,14 @@
 
 # %% ../nbs/06a_colab.ipynb #7296c2b0
 from __future__ import annotations
-import os, shutil, tarfile, tempfile, urllib.request
+import os, shutil, sqlite3, tarfile, tempfile, urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
 from .data import FOOD101_URL, InsufficientSpaceError, find_dataset
 
 # %% auto #0
-__all__ = ['extract_archive', 'fetch_archive', 'prepare_data']
+__all__ = ['extract_archive', 'fetch_archive', 'prepare_data', 'reroot_mlflow_store']
 
 # %% ../nbs/06a_colab.ipynb #3453dfe5
 def extract_archive(archive:str|Path,   # a .tar / .tar.gz holding e.g. `food-101/…`
@@ -62,3 +62,23 @@ def prepare_data(data_dir:str|Path,            # where training reads images (th
     if find_dataset(data_dir) is None:
         raise ValueError(f"{archive} holds no dataset in a known layout (food-101/images/<class>/… or <class>/…); replace it")
     return f"{did} {archive} into {data_dir}"
+
+# %% ../nbs/06a_colab.ipynb #4d1ef79c
+_LOCATION_COLUMNS = {'artifact_location', 'artifact_uri', 'source', 'storage_location'}
+
+def reroot_mlflow_store(db:str|Path,      # the moved `mlflow.db`
+                        old_root:str      # the folder it was in when the runs were logged, e.g. '/content/drive/MyDrive/nutrilearn'
+                       ) -> int:
+    "Rewrite artifact locations under `old_root` to the folder `db` is in now; the number of values changed."
+    db = Path(db).resolve()
+    if not db.is_file(): raise FileNotFoundError(f"no MLflow database at {db}; pass the path of the copied mlflow.db")
+    new, old, n = str(db.parent), str(old_root).rstrip('/'), 0
+    with sqlite3.connect(db) as con:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+            for col in {r[1] for r in con.execute(f'PRAGMA table_info("{table}")')} & _LOCATION_COLUMNS:
+                for scheme in ('', 'file://'):   # plain paths and file:// URIs
+                    o = scheme + old; k = len(o)
+                    n += con.execute(f'UPDATE "{table}" SET "{col}" = ? || substr("{col}", ?) WHERE substr("{col}", 1, ?) = ? '
+                                     f'AND (length("{col}") = ? OR substr("{col}", ?, 1) = \'/\')',
+                                     (scheme + new, k + 1, k, o, k, k + 1)).rowcount
+    return n
