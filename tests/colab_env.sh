@@ -80,8 +80,8 @@ allowed="certifi"
 helper diff "$work/before.json" "$work/after.json" $allowed || { grep -iE 'uninstall|Successfully installed' "$work/install.log" | tail -20;
   fail "installing the package changed packages Colab has preinstalled (listed above): Colab users would get a broken or restarted runtime"; }
 "$envpy" -m pip check || fail "pip check found broken requirements after installing the package"
-phase "install check passed: no preinstalled package changed, pip check clean"
+phase "install check passed: no preinstalled package changed (except: $allowed), pip check clean"
 [ "$mode" = install ] && exit 0
 
-"$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" --work "$work/nb"
+PYDEVD_DISABLE_FILE_VALIDATION=1 "$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" --work "$work/nb"
 phase "Colab-like check passed"
