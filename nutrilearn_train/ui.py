@@ -178,13 +178,21 @@ class LiveChart:
     def _ipython_display_(self): display(self.widget)
 
 class LiveChartTracker:
-    "A tracker wrapper that draws `chart` from the metrics it forwards to `inner` (and names a new run `run_name`)."
+    "A tracker that forwards every call to `inner`, draws `chart` from the metrics, and names a new run `run_name`."
     def __init__(self, inner, chart:LiveChart, run_name:Optional[str]=None): self.inner, self.chart, self.run_name = inner, chart, run_name
+    # Explicit methods, not only __getattr__: Python 3.12+ checks `isinstance(x, Tracker)` without calling __getattr__.
+    @property
+    def run_id(self): return self.inner.run_id
     def start(self, run_name=None, run_id=None): return self.inner.start(run_name=self.run_name or run_name, run_id=run_id)
     def log_metrics(self, metrics:dict, step:int):
         self.inner.log_metrics(metrics, step)
         self.chart.update(metrics, step)
-    def __getattr__(self, name): return getattr(self.inner, name)
+    def log_params(self, params:dict): return self.inner.log_params(params)
+    def log_artifact(self, path, artifact_path=None): return self.inner.log_artifact(path, artifact_path)
+    def set_tags(self, tags:dict): return self.inner.set_tags(tags)
+    def log_model(self, *args, **kwargs): return self.inner.log_model(*args, **kwargs)
+    def end(self, status:str='FINISHED'): return self.inner.end(status)
+    def __getattr__(self, name): return getattr(self.inner, name)   # whatever else a particular tracker offers
 
 # %% ../nbs/06_ui.ipynb #792fad68
 def run_training(cfg:TrainingConfig,            # what to train

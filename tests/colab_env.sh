@@ -84,5 +84,8 @@ broken=0; "$envpy" -m pip check || broken=1
 phase "install check passed: no preinstalled package changed (except: $allowed), pip check clean"
 [ "$mode" = install ] && exit 0
 
-PYDEVD_DISABLE_FILE_VALIDATION=1 "$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" --work "$work/nb"
+# The UI notebooks' own tests use fastcore's test helpers: Colab's version (constrained to the freeze).
+"$envpy" -m pip install -q -c "$work/constraints.txt" fastcore > "$work/fastcore.log" 2>&1 || { tail "$work/fastcore.log"; fail "could not install fastcore"; }
+PYDEVD_DISABLE_FILE_VALIDATION=1 "$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" \
+  --work "$work/nb" --unit "$src/nbs/06_ui.ipynb" "$src/nbs/06a_colab.ipynb"
 phase "Colab-like check passed"

@@ -6,6 +6,8 @@ nbclient records every widget model the kernel opened (comm_open + updates) in t
 which is exactly what a frontend receives. Checks: every model is a stock ipywidgets 7 model (`@jupyter-widgets/
 controls` 1.5.0, `base` 1.2.0, `output` 1.0.0) whose state serialises as JSON, every displayed view points at a known
 model, the form's widgets are all there, training ran, and the curves, confusion matrix and predictions arrive as PNGs.
+`--unit NB...` also runs those notebooks' own test cells there (as nbdev_test would: flagged cells and the export cell
+left out), e.g. the form's tests on ipywidgets 7.
 """
 import argparse, base64, json, re, sys, time
 from pathlib import Path
@@ -57,9 +59,25 @@ def output_problems(nb: dict) -> list:
     return bad
 
 
+SKIP_FLAGS = ('#| slow', '#| cuda', '#| notest', '#| eval: false', 'nbdev_export(')
+
+
+def run_unit_notebook(path: Path, work: Path) -> list:
+    "Execute `path`'s cells as nbdev_test would (no flagged cells, no export cell); the problems found."
+    import nbformat, papermill as pm
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells = [c for c in nb.cells if c.cell_type != 'code' or not any(f in c.source for f in SKIP_FLAGS)]
+    src, out = work / f'unit-{path.name}', work / f'unit-{path.stem}.out.ipynb'
+    nbformat.write(nb, str(src))
+    try: pm.execute_notebook(str(src), str(out), cwd=str(work), kernel_name='python3', execution_timeout=600, progress_bar=False)
+    except pm.PapermillExecutionError as e: return [f"{path.name}: cell {e.exec_count} failed: {e.ename}: {e.evalue}"]
+    return []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--notebook', required=True); p.add_argument('--data', required=True); p.add_argument('--work', required=True)
+    p.add_argument('--unit', nargs='*', default=[], help="notebooks whose test cells to run here too")
     a = p.parse_args(argv)
     import ipywidgets, papermill as pm, torch
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, ipywidgets {ipywidgets.__version__}", flush=True)
@@ -77,6 +95,9 @@ def main(argv=None) -> int:
         print(f"FAILED: notebook 99 raised in cell {e.exec_count}: {e.ename}: {e.evalue}"); return 1
     nb = json.loads(out.read_text())
     bad = output_problems(nb) + widget_problems(nb)
+    for u in a.unit:
+        t1 = time.monotonic(); found = run_unit_notebook(Path(u), work); bad += found
+        print(f"{Path(u).name}: test cells {'failed' if found else 'passed'} ({time.monotonic() - t1:.0f} s)")
     state = nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state']
     print(f"notebook 99 ran in {time.monotonic() - t0:.0f} s; {len(state)} widget models: "
           + ', '.join(sorted({m['model_name'] for m in state.values()})))
