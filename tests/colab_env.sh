@@ -86,6 +86,7 @@ phase "install check passed: no preinstalled package changed (except: $allowed),
 
 # The UI notebooks' own tests use fastcore's test helpers: Colab's version (constrained to the freeze).
 "$envpy" -m pip install -q -c "$work/constraints.txt" fastcore > "$work/fastcore.log" 2>&1 || { tail "$work/fastcore.log"; fail "could not install fastcore"; }
-PYDEVD_DISABLE_FILE_VALIDATION=1 "$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" \
+# JUPYTER_PATH first: the kernel must be this environment's python, whatever kernels the user has installed.
+JUPYTER_PATH=$env/share/jupyter PYDEVD_DISABLE_FILE_VALIDATION=1 "$envpy" "$here/colab_notebook_check.py" --notebook "$src/nbs/99_run_training.ipynb" --data "$mini" \
   --work "$work/nb" --unit "$src/nbs/06_ui.ipynb" "$src/nbs/06a_colab.ipynb"
 phase "Colab-like check passed"

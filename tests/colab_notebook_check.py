@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         print(f"FAILED: notebook 99 raised in cell {e.exec_count}: {e.ename}: {e.evalue}"); return 1
     nb = json.loads(out.read_text())
     bad = output_problems(nb) + widget_problems(nb)
+    kernel_py = nb['metadata'].get('language_info', {}).get('version', '?')
+    if kernel_py.split('.')[:2] != sys.version.split('.')[:2]: bad.append(f"the kernel ran Python {kernel_py}, not this environment's")
     for u in a.unit:
         t1 = time.monotonic(); found = run_unit_notebook(Path(u), work); bad += found
         print(f"{Path(u).name}: test cells {'failed' if found else 'passed'} ({time.monotonic() - t1:.0f} s)")

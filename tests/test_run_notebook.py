@@ -93,6 +93,25 @@ def test_notebook_twice_from_drive_archive(tmp_path):
     assert [m.step for m in client.get_metric_history(runs[0], 'val_acc')] == [1]
 
 
+def test_install_cell_failure_is_clear(tmp_path):
+    "The install cell as Colab runs it (google.colab imported), with a PACKAGE pip cannot install: pip's output and a clear error."
+    import nbformat, papermill as pm
+    cell = next(c for c in nbformat.read(str(NB), as_version=4).cells if '%pip install {PACKAGE}' in c.source)
+    missing = tmp_path / 'nutrilearn_train-0.1.0-py3-none-any.whl'
+    src = re.sub(r"^PACKAGE = .*$", f"PACKAGE = {str(missing)!r}", cell.source, count=1, flags=re.M)
+    assert src != cell.source
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab')"),
+                                         nbformat.v4.new_code_cell(src)])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    nbformat.write(nb, str(tmp_path / 'install.ipynb'))
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(tmp_path / 'install.ipynb'), str(tmp_path / 'out.ipynb'), kernel_name='python3', progress_bar=False)
+    assert e.value.ename == 'RuntimeError' and f"pip could not install PACKAGE = '{missing}'" in e.value.evalue, e.value.evalue
+    assert "git+https://github.com/YOU/nutrilearn_train@BRANCH" in e.value.evalue
+    shown = _text(json.loads((tmp_path / 'out.ipynb').read_text()))
+    assert 'ERROR' in shown and missing.name in shown, shown   # pip's own output stays visible
+
+
 def _wait_http(url: str, timeout: float, proc) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
