@@ -60,8 +60,8 @@ def newest_run_dir(base:str|Path) -> Optional[Path]:
     return max(found, key=lambda d: (d/'last.pth').stat().st_mtime_ns, default=None)
 
 # %% ../nbs/06_ui.ipynb #174c297e
-_RESUME_FLAG = re.compile(r"`?--resume( last)?`?")
-_FLAG = re.compile(r"`?--([a-z][a-z0-9-]*)`?")
+_RESUME_FLAG = re.compile(r"(?<![\w/-])`?--resume( last)?`?")
+_FLAG = re.compile(r"(?<![\w/-])`?--([a-z][a-z0-9-]*)`?")   # not inside paths such as /data/a--b
 
 def form_terms(msg:str,     # an error message written for the command line
                labels:dict  # form field name -> its label, e.g. {'data_dir': 'Data dir'}
