@@ -7,7 +7,7 @@
 #   tests/colab_env.sh [SOURCE_DIR]   # default: this checkout (tracked + untracked-but-not-ignored files)
 #
 # The pinned environment is cached under ~/.cache/nutrilearn/ (NUTRILEARN_CACHE), keyed by the freeze, the package's
-# requirements and these scripts; each check runs in a hard-linked copy of it, so the cache is never modified.
+# requirements and a recipe number; each check runs in a hard-linked copy of it, so the cache is never modified.
 # NUTRILEARN_COLAB_MODE=install stops after the install check (no notebook run).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
