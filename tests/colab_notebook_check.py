@@ -6,6 +6,9 @@ nbclient records every widget model the kernel opened (comm_open + updates) in t
 which is exactly what a frontend receives. Checks: every model is a stock ipywidgets 7 model (`@jupyter-widgets/
 controls` 1.5.0, `base` 1.2.0, `output` 1.0.0) whose state serialises as JSON, every displayed view points at a known
 model, the form's widgets are all there, training ran, and the curves, confusion matrix and predictions arrive as PNGs.
+Then, in the same kernel, Train is pressed the way a frontend presses it (a `comm_msg` carrying the button's `click`
+event), so a second fresh run goes through the button handler and the form's Output widget: it must finish as its own
+MLflow run, with its PNGs captured by the Output widget.
 `--unit NB...` also runs those notebooks' own test cells there (as nbdev_test would: flagged cells and the export cell
 left out), e.g. the form's tests on ipywidgets 7.
 """
@@ -59,6 +62,69 @@ def output_problems(nb: dict) -> list:
     return bad
 
 
+RUN_ID = re.compile(r'MLflow run id: ([0-9a-f]{32})')
+
+
+def _click_train(client, nb, timeout: float) -> list:
+    "Send the comm message a frontend sends when Train is clicked, handle the replies as a frontend would; problems."
+    import nbformat
+    from nbclient.exceptions import CellExecutionComplete
+    from nbclient.util import run_sync
+    ids = [k for k, s in client.widget_state.items() if s.get('_model_name') == 'ButtonModel' and s.get('description') == 'Train']
+    if len(ids) != 1: return [f"expected one Train button, found {len(ids)}"]
+    cell = nbformat.v4.new_code_cell('# Train, clicked through the widget protocol', metadata={'execution': {}})
+    nb.cells.append(cell)
+    msg = client.kc.session.msg('comm_msg', {'comm_id': ids[0], 'data': {'method': 'custom', 'content': {'event': 'click'}}})
+    client.kc.shell_channel.send(msg)
+    deadline = time.monotonic() + timeout
+    while True:
+        try: m = run_sync(client.kc.get_iopub_msg)(timeout=max(1, deadline - time.monotonic()))
+        except Exception: return ['the click did not finish in time']
+        if m['parent_header'].get('msg_id') != msg['header']['msg_id']: continue
+        try: client.process_message(m, cell, len(nb.cells) - 1)
+        except CellExecutionComplete: break
+    return []
+
+
+def click_problems(nb: dict) -> list:
+    "What is wrong after the protocol click: the second run's result, captured by the form's Output widget."
+    state = nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state'].values()
+    outs = [o for m in state if m['model_name'] == 'OutputModel' for o in m['state'].get('outputs', [])]
+    text = ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/markdown', '')) for o in outs)
+    bad = [f"the form shows an error: {m['state']['value']}" for m in state if m['model_name'] == 'HTMLModel'
+           and re.search(r'Could not train|Nothing to resume|Invalid setting', str(m['state'].get('value')))]
+    first = RUN_ID.findall(''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', [])))
+    second = RUN_ID.findall(text)
+    if not second: bad.append("the click's training did not finish in the form's Output widget (no run id there)")
+    elif second[-1] in first: bad.append(f"the click reused run {second[-1]} instead of starting a new one")
+    pngs = [o for o in outs if 'image/png' in o.get('data', {})]
+    if len(pngs) < 3: bad.append(f"the form's Output widget got {len(pngs)} PNGs after the click, expected >= 3")
+    print(f"run by form.submit(): {first[-1] if first else None}; run by the click: {second[-1] if second else None} "
+          f"({len(pngs)} PNGs in the form's Output widget)")
+    return bad
+
+
+def run_and_click(path: str, params: dict, work: Path, timeout: int = 900) -> tuple:
+    "Execute the notebook with `params` (papermill's parameter injection), then click Train; (notebook, problems)."
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    nb = parameterize_notebook(load_notebook_node(path), params)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(work)}})
+    with client.setup_kernel():
+        info = client.wait_for_reply(client.kc.kernel_info())
+        nb.metadata['language_info'] = info['content']['language_info']
+        try:
+            for i, cell in enumerate(nb.cells): client.execute_cell(cell, i)
+        except CellExecutionError as e: return nb, [f"notebook 99 raised: {str(e).strip().splitlines()[-1]}"]
+        problems = _click_train(client, nb, timeout)
+        client.set_widgets_metadata()
+    nbformat.write(nb, str(work / 'executed.ipynb'))
+    return nb, problems
+
+
 SKIP_FLAGS = ('#| slow', '#| cuda', '#| notest', '#| eval: false', 'nbdev_export(')
 
 
@@ -87,21 +153,19 @@ def main(argv=None) -> int:
     params = dict(data_dir=a.data, model_name='mobilenet_v2', epochs=1, batch_size=8, learning_rate=1e-3, pretrained=False,
                   mixed_precision=False, max_per_class=3, autorun=True, download=False, work_dir=str(work / 'work'), num_workers=0)
     t0 = time.monotonic()
-    out = work / 'executed.ipynb'
-    try:
-        pm.execute_notebook(a.notebook, str(out), parameters=params, cwd=str(work), kernel_name='python3',
-                            execution_timeout=900, progress_bar=False)
-    except pm.PapermillExecutionError as e:
-        print(f"FAILED: notebook 99 raised in cell {e.exec_count}: {e.ename}: {e.evalue}"); return 1
-    nb = json.loads(out.read_text())
-    bad = output_problems(nb) + widget_problems(nb)
+    nb, bad = run_and_click(a.notebook, params, work)
+    if bad:
+        for b in bad: print(f"FAILED: {b}")
+        return 1
+    nb = json.loads(json.dumps(nb))   # plain dicts, as a saved notebook
+    bad = output_problems(nb) + widget_problems(nb) + click_problems(nb)
     kernel_py = nb['metadata'].get('language_info', {}).get('version', '?')
     if kernel_py.split('.')[:2] != sys.version.split('.')[:2]: bad.append(f"the kernel ran Python {kernel_py}, not this environment's")
     for u in a.unit:
         t1 = time.monotonic(); found = run_unit_notebook(Path(u), work); bad += found
         print(f"{Path(u).name}: test cells {'failed' if found else 'passed'} ({time.monotonic() - t1:.0f} s)")
     state = nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state']
-    print(f"notebook 99 ran in {time.monotonic() - t0:.0f} s; {len(state)} widget models: "
+    print(f"notebook 99 ran and was clicked in {time.monotonic() - t0:.0f} s; {len(state)} widget models: "
           + ', '.join(sorted({m['model_name'] for m in state.values()})))
     for b in bad: print(f"FAILED: {b}")
     return 1 if bad else 0

@@ -115,3 +115,18 @@ def test_script_refuses_to_run_without_python_313(tmp_path):
                             'NUTRILEARN_CACHE': str(tmp_path)})
     assert r.returncode != 0 and 'no Python 3.13 found' in r.stderr and 'NUTRILEARN_PY313' in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())   # it stopped before building anything
+
+
+def test_click_checks():
+    "After the protocol click, the form's Output widget must hold a new run's id and its PNGs, and the form no error."
+    import base64
+    png = {'output_type': 'display_data', 'data': {'image/png': base64.b64encode(cnc.PNG).decode()}}
+    run = lambda rid: {'output_type': 'stream', 'name': 'stdout', 'text': f'MLflow run id: {rid}\n'}
+    def nb(click_outs, error=''):
+        st = {'o': {'model_name': 'OutputModel', 'state': {'outputs': click_outs}},
+              'e': {'model_name': 'HTMLModel', 'state': {'value': error}}}
+        return {'cells': [{'outputs': [run('a' * 32)]}], 'metadata': {'widgets': {'application/vnd.jupyter.widget-state+json': {'state': st}}}}
+    assert cnc.click_problems(nb([run('b' * 32), png, png, png])) == []
+    assert any('reused run' in b for b in cnc.click_problems(nb([run('a' * 32), png, png, png])))
+    bad = cnc.click_problems(nb([png], error='<b>Could not train:</b> no data'))
+    assert any('no run id there' in b for b in bad) and any('got 1 PNGs' in b for b in bad) and any('form shows an error' in b for b in bad), bad
