@@ -66,6 +66,7 @@ else
 fi
 
 env=$work/env; cp -al "$base" "$env"   # hard links: pip replaces files (unlink + write), so the cache stays intact
+# Always `python -m …` here: console scripts' shebangs point at the folder the environment was built in.
 envpy=$env/bin/python
 "$envpy" "$here/colab_env.py" snapshot "$work/before.json"
 "$envpy" -m pip check > "$work/check0.log" 2>&1 || { cat "$work/check0.log"; fail "the Colab-pinned environment is inconsistent before installing anything"; }
