@@ -123,6 +123,9 @@ def validate_config(cfg:TrainingConfig):
         v = getattr(cfg, name)
         _check(isinstance(v, (str, os.PathLike)) and str(v).strip() != '', f"{name} must be a non-empty path or name, got {v!r}")
     _check(cfg.max_per_class is None or cfg.max_per_class >= 1, f"max_per_class must be >= 1 or None, got {cfg.max_per_class!r}")
+    host_port = '://' not in cfg.tracking_uri and cfg.tracking_uri.partition(':')[2].split('/', 1)[0].isdigit()
+    _check(not host_port, f"tracking_uri {cfg.tracking_uri!r} has no scheme (http://): for an MLflow server write "
+                          f"'http://{cfg.tracking_uri}' (or https://)")
     _check(cfg.tracking_uri.split(':', 1)[0] != 'file' and '://' in cfg.tracking_uri,
            f"tracking_uri {cfg.tracking_uri!r} is not usable: MLflow 3.13+ refuses file: stores; "
            "use an absolute sqlite:////path/mlflow.db or an http(s):// server")

@@ -4,21 +4,25 @@
 
 # %% ../nbs/06_ui.ipynb #7465f157
 from __future__ import annotations
-from dataclasses import fields
+from dataclasses import fields, replace
+from datetime import datetime
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import html, io
+import html, io, re
 import numpy as np
 import ipywidgets as W
 from IPython.display import Image, Markdown, display
+from tqdm.auto import tqdm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .config import MODEL_NAMES, TrainingConfig, config_from_dict
 
 # %% auto #0
-__all__ = ['TrainingForm', 'plot_curves', 'figure_png', 'show_figure', 'LiveChart', 'LiveChartTracker', 'run_training',
-           'plot_predictions', 'mlflow_ui_help', 'show_results', 'train_and_report']
+__all__ = ['new_run_name', 'newest_run_dir', 'form_terms', 'TrainingForm', 'plot_curves', 'figure_png', 'show_figure',
+           'LiveChart', 'LiveChartTracker', 'run_training', 'plot_predictions', 'mlflow_ui_help', 'show_results',
+           'train_and_report']
 
 # %% ../nbs/06_ui.ipynb #e1d05184
 def _form_widgets(p:dict) -> dict:
@@ -39,13 +43,44 @@ def _form_widgets(p:dict) -> dict:
         'resume': W.Checkbox(value=bool(p['resume']), description='Resume from last checkpoint', indent=False),
     }
 
+# %% ../nbs/06_ui.ipynb #325c95d2
+def new_run_name(model_name:str,        # the backbone, first part of the name
+                 base:str|Path,         # the folder the run's checkpoint folder goes into
+                 now:datetime|None=None # the start time (default: now)
+                ) -> str:
+    "A run name `model-YYYYmmdd-HHMMSS` (with `-2`, `-3`, … if needed) whose folder `base/name` does not exist yet."
+    stem = f"{model_name}-{(now or datetime.now()):%Y%m%d-%H%M%S}"
+    name, i = stem, 1
+    while (Path(base)/name).exists(): i += 1; name = f"{stem}-{i}"
+    return name
+
+def newest_run_dir(base:str|Path) -> Optional[Path]:
+    "The folder in `base` (or `base` itself) holding the most recently written `last.pth`; None if there is none."
+    found = [p.parent for p in [Path(base)/'last.pth', *Path(base).glob('*/last.pth')] if p.is_file()]
+    return max(found, key=lambda d: (d/'last.pth').stat().st_mtime_ns, default=None)
+
+# %% ../nbs/06_ui.ipynb #174c297e
+_RESUME_FLAG = re.compile(r"(?<![\w/-])`?--resume( last)?`?")
+_FLAG = re.compile(r"(?<![\w/-])`?--([a-z][a-z0-9-]*)`?")   # not inside paths such as /data/a--b
+
+def form_terms(msg:str,     # an error message written for the command line
+               labels:dict  # form field name -> its label, e.g. {'data_dir': 'Data dir'}
+              ) -> str:
+    "`msg` with command-line flags replaced by the form's field labels (or, for other settings, parameter names)."
+    def field(m):
+        name = m.group(1).replace('-', '_')
+        if name.startswith('no_') and name[3:] in labels: name = name[3:]
+        return f"'{labels[name]}'" if name in labels else f"`{name}` (parameters cell)"
+    return _FLAG.sub(field, _RESUME_FLAG.sub(f"'{labels.get('resume', 'Resume')}'", msg))
+
 # %% ../nbs/06_ui.ipynb #e5272085
 class TrainingForm:
-    "An ipywidgets form that builds a `TrainingConfig` and runs `on_train(cfg, resume)` on Train."
+    "An ipywidgets form that builds a `TrainingConfig` and runs `on_train(cfg, resume, run_name)` on Train."
     def __init__(self, params:dict,                         # the notebook's `parameters` cell values
-                 on_train:Optional[Callable]=None):          # called with (cfg, resume) when Train is clicked
+                 on_train:Optional[Callable]=None):          # called with (cfg, resume, run_name) when Train is clicked
         self.params, self.on_train = dict(params), on_train
         self.widgets = _form_widgets(self.params)
+        self.labels = {k: w.description for k, w in self.widgets.items()}
         self.error, self.output, self.result = W.HTML(value=''), W.Output(), None
         self.button = W.Button(description='Train', button_style='success', icon='play')
         self.button.on_click(self._clicked)
@@ -71,26 +106,43 @@ def _config(self:TrainingForm) -> TrainingConfig:
     base = {k: v for k, v in self.params.items() if k in known and v is not None and v != ''}
     return config_from_dict({**base, **self.values()})
 
+def _run_folder(self:TrainingForm, cfg:TrainingConfig) -> tuple:
+    "`(cfg, resume, run_name)`: a fresh run in a new folder under `cfg.checkpoint_dir`, or *Resume* in the newest."
+    base = Path(cfg.checkpoint_dir)
+    if not self.widgets['resume'].value:
+        name = new_run_name(cfg.model_name, base)
+        return replace(cfg, checkpoint_dir=str(base/name)), None, name
+    if (d := newest_run_dir(base)) is None:
+        raise FileNotFoundError(f"there is no earlier run to resume: no last.pth in {base} or its run folders. "
+                                f"Untick '{self.labels['resume']}' to start a new run")
+    return replace(cfg, checkpoint_dir=str(d)), 'last', None
+
+TrainingForm.config, TrainingForm.run_folder = _config, _run_folder
+
+# %% ../nbs/06_ui.ipynb #1d682d0f
 def _submit(self:TrainingForm):
-    "Validate; show the error in the form, or run `on_train(cfg, resume)` and keep its result in `.result`."
-    from nutrilearn_train.train import USER_ERRORS  # bad data, an existing checkpoint, a full disk, …
+    "Validate; show the error in the form, or run `on_train(cfg, resume, run_name)` and keep its result in `.result`."
+    from nutrilearn_train.train import USER_ERRORS, CheckpointExistsError
     try: cfg = self.config()
     except ValueError as e: return self._show_error('Invalid setting', e)
     self.error.value = ''
     if self.on_train is None: return cfg
+    try: cfg, resume, name = self.run_folder(cfg)
+    except FileNotFoundError as e: return self._show_error('Nothing to resume', e)
     self.button.disabled = True
-    try: self.result = self.on_train(cfg, 'last' if self.widgets['resume'].value else None)
-    except USER_ERRORS as e: return self._show_error('Could not train', e)
+    try: self.result = self.on_train(cfg, resume, name)
+    except CheckpointExistsError:
+        return self._show_error('Could not train', f"{cfg.checkpoint_dir} already holds an earlier run's checkpoint. Tick "
+                                f"'{self.labels['resume']}' to continue it, or press Train again to start a new run in a new folder.")
+    except USER_ERRORS as e: return self._show_error('Could not train', form_terms(str(e), self.labels))
     finally: self.button.disabled = False
     return self.result
 
-def _show_error(self:TrainingForm, what:str, e:Exception):
+def _show_error(self:TrainingForm, what:str, e:Exception|str):
     "Show `e` in red above the Train button (no traceback); returns None."
     self.error.value = f'<span style="color:#b00020"><b>{what}:</b> {html.escape(str(e))}</span>'
 
-TrainingForm._show_error = _show_error
-
-TrainingForm.config, TrainingForm.submit = _config, _submit
+TrainingForm.submit, TrainingForm._show_error = _submit, _show_error
 
 # %% ../nbs/06_ui.ipynb #d9978052
 def plot_curves(history:dict,            # `{metric: [(step, value), …]}`, e.g. from `tracking.metric_history`
@@ -126,22 +178,32 @@ class LiveChart:
     def _ipython_display_(self): display(self.widget)
 
 class LiveChartTracker:
-    "A tracker wrapper that draws `chart` from the metrics it forwards to `inner`."
-    def __init__(self, inner, chart:LiveChart): self.inner, self.chart = inner, chart
+    "A tracker that forwards every call to `inner`, draws `chart` from the metrics, and names a new run `run_name`."
+    def __init__(self, inner, chart:LiveChart, run_name:Optional[str]=None): self.inner, self.chart, self.run_name = inner, chart, run_name
+    # Explicit methods, not only __getattr__: Python 3.12+ checks `isinstance(x, Tracker)` without calling __getattr__.
+    @property
+    def run_id(self): return self.inner.run_id
+    def start(self, run_name=None, run_id=None): return self.inner.start(run_name=self.run_name or run_name, run_id=run_id)
     def log_metrics(self, metrics:dict, step:int):
         self.inner.log_metrics(metrics, step)
         self.chart.update(metrics, step)
-    def __getattr__(self, name): return getattr(self.inner, name)
+    def log_params(self, params:dict): return self.inner.log_params(params)
+    def log_artifact(self, path, artifact_path=None): return self.inner.log_artifact(path, artifact_path)
+    def set_tags(self, tags:dict): return self.inner.set_tags(tags)
+    def log_model(self, *args, **kwargs): return self.inner.log_model(*args, **kwargs)
+    def end(self, status:str='FINISHED'): return self.inner.end(status)
+    def __getattr__(self, name): return getattr(self.inner, name)   # whatever else a particular tracker offers
 
 # %% ../nbs/06_ui.ipynb #792fad68
 def run_training(cfg:TrainingConfig,            # what to train
                  resume:Optional[str]=None,     # None, 'last' or a checkpoint path
-                 chart:Optional[LiveChart]=None # shown while training (default: a new one, displayed)
+                 chart:Optional[LiveChart]=None,# shown while training (default: a new one, displayed)
+                 run_name:Optional[str]=None    # the MLflow run's name (default: train's own)
                 ) -> dict:
     "Train `cfg` with a live chart on the default tracker; `train()`'s result."
     from nutrilearn_train.train import default_tracker, train
     if chart is None: chart = LiveChart(); display(chart)
-    return train(cfg, LiveChartTracker(default_tracker(cfg), chart), resume=resume)
+    return train(cfg, LiveChartTracker(default_tracker(cfg), chart, run_name), resume=resume)
 
 # %% ../nbs/06_ui.ipynb #a5efb444
 def plot_predictions(images:Sequence,      # paths (or PIL images)
@@ -177,9 +239,9 @@ def show_results(result:dict,          # what `train()` returned
     from nutrilearn_train import data, evaluate, inference, tracking
     show_figure(plot_curves(tracking.metric_history(result['run_id'], cfg.tracking_uri), title='Per-epoch curves (read back from MLflow)'))
     pred = inference.Predictor.from_dir(result['model_dir'], device=cfg.device)
-    dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, 0, class_to_idx={c: i for i, c in enumerate(pred.class_names)},
+    dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx={c: i for i, c in enumerate(pred.class_names)},
                               max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
-    res = evaluate.evaluate_model(pred.model, dl, pred.device, pred.class_names)
+    res = evaluate.evaluate_model(pred.model, tqdm(dl, desc='test split', unit='batch'), pred.device, pred.class_names)
     display(Markdown(f"**Test split:** top-1 {res.top1_accuracy:.1%}, top-5 {res.top5_accuracy:.1%} on {res.total_samples} images; "
                      "worst classes (F1): " + ', '.join(f'{c} {f:.2f}' for c, f in res.worst_classes)))
     show_figure(evaluate.plot_confusion_matrix(np.asarray(res.confusion_matrix), pred.class_names))
@@ -189,8 +251,8 @@ def show_results(result:dict,          # what `train()` returned
     display(Markdown(mlflow_ui_help(result['run_id'], cfg.tracking_uri)))
     return res
 
-def train_and_report(cfg:TrainingConfig, resume:Optional[str]=None) -> dict:
+def train_and_report(cfg:TrainingConfig, resume:Optional[str]=None, run_name:Optional[str]=None) -> dict:
     "What the Train button does: `run_training`, then `show_results`."
-    result = run_training(cfg, resume)
+    result = run_training(cfg, resume, run_name=run_name)
     show_results(result, cfg)
     return result
