@@ -4,7 +4,7 @@
 
 # %% ../nbs/02c_metrics.ipynb #d402fe36
 from __future__ import annotations
-import csv, json, time
+import csv, json, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Sequence
@@ -12,12 +12,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn import metrics as skm
-from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['decode_logits', 'topk_accuracy', 'per_class_metrics', 'classification_report_rows', 'rank_classes',
-           'confusion_matrix', 'normalize_rows', 'most_confused', 'save_most_confused', 'plot_confusion_matrix',
+__all__ = ['decode_logits', 'topk_accuracy', 'confusion_matrix', 'normalize_rows', 'per_class_metrics',
+           'classification_report_rows', 'rank_classes', 'most_confused', 'save_most_confused', 'plot_confusion_matrix',
            'generate_confusion_matrix', 'EvaluationResults', 'results_from_logits', 'collect_predictions',
            'evaluate_model', 'save_evaluation', 'evaluation_metrics']
 
@@ -52,35 +50,6 @@ def topk_accuracy(logits:torch.Tensor,  # (N, C) scores
     hits = top == targets[:, None]
     return [hits[:, :k].any(1).sum().item() / len(targets) for k in topk]
 
-# %% ../nbs/02c_metrics.ipynb #d2642aab
-def per_class_metrics(y_true:Sequence[int],   # true class indices
-                      y_pred:Sequence[int],   # predicted class indices
-                      class_names:Sequence[str] # index-ordered class names
-                     ) -> dict[str, dict[str, float]]:
-    "`{'precision'|'recall'|'f1'|'support': {class_name: value}}` for every class, present or not."
-    p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=range(len(class_names)), zero_division=0)
-    return {name: dict(zip(class_names, map(float, v))) for name, v in
-            (('precision', p), ('recall', r), ('f1', f), ('support', s))}
-
-# %% ../nbs/02c_metrics.ipynb #56bcdf7d
-def classification_report_rows(y_true:Sequence[int], y_pred:Sequence[int], class_names:Sequence[str]) -> list[dict]:
-    "scikit-learn's classification report as rows `{'class', 'precision', 'recall', 'f1', 'support'}`."
-    rep = skm.classification_report(y_true, y_pred, labels=range(len(class_names)), target_names=list(class_names),
-                                    output_dict=True, zero_division=0)
-    acc = rep.pop('accuracy', None)  # a bare float, unlike the other entries
-    rows = [{'class': k, 'precision': v['precision'], 'recall': v['recall'], 'f1': v['f1-score'], 'support': int(v['support'])}
-            for k, v in rep.items()]
-    if acc is not None: rows.append({'class': 'accuracy', 'precision': '', 'recall': '', 'f1': acc, 'support': len(y_true)})
-    return rows
-
-# %% ../nbs/02c_metrics.ipynb #834bde9e
-def rank_classes(f1:dict[str, float], # class name → F1
-                 k:int=5               # how many classes in each list
-                ) -> tuple[list, list]:
-    "The `k` worst `(class, f1)` pairs (lowest first) and the `k` best (highest first)."
-    order = sorted(f1.items(), key=lambda kv: (kv[1], kv[0]))
-    return order[:k], sorted(f1.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-
 # %% ../nbs/02c_metrics.ipynb #e942a935
 def confusion_matrix(y_true:Sequence[int], # true class indices
                      y_pred:Sequence[int], # predicted class indices
@@ -92,14 +61,52 @@ def confusion_matrix(y_true:Sequence[int], # true class indices
     for name, y in (('y_true', y_true), ('y_pred', y_pred)):
         if len(y) and (y.min() < 0 or y.max() >= n_classes):
             raise ValueError(f"{name} must lie in 0..{n_classes-1}, got {y.min()}..{y.max()}")
-    if not len(y_true): return np.zeros((n_classes, n_classes), dtype=np.int64)
-    return skm.confusion_matrix(y_true, y_pred, labels=range(n_classes)).astype(np.int64)
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 # %% ../nbs/02c_metrics.ipynb #f0f306db
 def normalize_rows(cm:np.ndarray) -> np.ndarray:
     "Each row of `cm` divided by its sum (rows of an absent class stay 0)."
     s = cm.sum(1, keepdims=True).astype(np.float64)
     return np.divide(cm, s, out=np.zeros(cm.shape, dtype=np.float64), where=s > 0)
+
+# %% ../nbs/02c_metrics.ipynb #1b584f32
+def _prf(cm:np.ndarray) -> tuple:
+    "Per-class precision, recall, F1 and support from confusion counts; 0 where undefined (scikit-learn's `zero_division=0`)."
+    tp, pred, true = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
+    div = lambda a, b: np.divide(a, b, out=np.zeros_like(tp), where=b > 0)
+    p, r = div(tp, pred), div(tp, true)
+    return p, r, div(2 * p * r, p + r), true
+
+# %% ../nbs/02c_metrics.ipynb #d2642aab
+def per_class_metrics(y_true:Sequence[int],   # true class indices
+                      y_pred:Sequence[int],   # predicted class indices
+                      class_names:Sequence[str] # index-ordered class names
+                     ) -> dict[str, dict[str, float]]:
+    "`{'precision'|'recall'|'f1'|'support': {class_name: value}}` for every class, present or not."
+    # numpy, not scikit-learn: training evaluates with this on machines that have only torch and numpy
+    p, r, f, s = _prf(confusion_matrix(y_true, y_pred, len(class_names)))
+    return {name: dict(zip(class_names, map(float, v))) for name, v in
+            (('precision', p), ('recall', r), ('f1', f), ('support', s))}
+
+# %% ../nbs/02c_metrics.ipynb #56bcdf7d
+def classification_report_rows(y_true:Sequence[int], y_pred:Sequence[int], class_names:Sequence[str]) -> list[dict]:
+    "scikit-learn's classification report as rows `{'class', 'precision', 'recall', 'f1', 'support'}` (computed with numpy)."
+    cm = confusion_matrix(y_true, y_pred, len(class_names))
+    p, r, f, s = _prf(cm); n = int(s.sum()); w = s / n if n else np.zeros_like(p)
+    rows = [dict(zip(('class', 'precision', 'recall', 'f1', 'support'), (c, *map(float, v[:3]), int(v[3]))))
+            for c, v in zip(class_names, zip(p, r, f, s))]
+    rows += [{'class': 'macro avg', 'precision': p.mean(), 'recall': r.mean(), 'f1': f.mean(), 'support': n},
+             {'class': 'weighted avg', 'precision': (p * w).sum(), 'recall': (r * w).sum(), 'f1': (f * w).sum(), 'support': n}]
+    rows.append({'class': 'accuracy', 'precision': '', 'recall': '', 'f1': np.trace(cm) / n if n else 0.0, 'support': n})
+    return [{k: float(v) if isinstance(v, np.floating) else v for k, v in row.items()} for row in rows]
+
+# %% ../nbs/02c_metrics.ipynb #834bde9e
+def rank_classes(f1:dict[str, float], # class name → F1
+                 k:int=5               # how many classes in each list
+                ) -> tuple[list, list]:
+    "The `k` worst `(class, f1)` pairs (lowest first) and the `k` best (highest first)."
+    order = sorted(f1.items(), key=lambda kv: (kv[1], kv[0]))
+    return order[:k], sorted(f1.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 # %% ../nbs/02c_metrics.ipynb #b501608e
 def most_confused(cm:np.ndarray,              # N×N counts
@@ -138,6 +145,7 @@ def plot_confusion_matrix(cm:np.ndarray,             # N×N counts
     n = len(class_names)
     side, fs = _cm_layout(n)
     m = normalize_rows(cm) if normalize else cm
+    from matplotlib.figure import Figure   # drawing only: the metrics work without matplotlib
     fig = Figure(figsize=(side, side * 0.92), layout='constrained')
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1 if normalize else max(int(m.max()), 1), interpolation='nearest')
@@ -161,8 +169,8 @@ def generate_confusion_matrix(y_true:Sequence[int],     # true class indices
     "Compute the confusion matrix, save it as a PNG plus a most-confused-pairs CSV; return the counts."
     cm = confusion_matrix(y_true, y_pred, len(class_names))
     save_path = Path(save_path); save_path.parent.mkdir(parents=True, exist_ok=True)
+    save_most_confused(cm, class_names, pairs_path or save_path.parent/'most_confused.csv')   # first: it needs no matplotlib
     plot_confusion_matrix(cm, class_names).savefig(save_path, dpi=dpi)
-    save_most_confused(cm, class_names, pairs_path or save_path.parent/'most_confused.csv')
     return cm
 
 # %% ../nbs/02c_metrics.ipynb #8dbab142
@@ -251,7 +259,9 @@ def save_evaluation(results:EvaluationResults, output_dir:str|Path, class_names:
     rows = classification_report_rows(y_true, y_pred, class_names)
     with open(files['classification_report'], 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-    generate_confusion_matrix(y_true, y_pred, class_names, files['confusion_matrix'], files['most_confused'])
+    try: generate_confusion_matrix(y_true, y_pred, class_names, files['confusion_matrix'], files['most_confused'])
+    except ModuleNotFoundError as e:   # a bare GPU box: the numbers are written, the picture needs matplotlib
+        warnings.warn(f"confusion_matrix.png not drawn ({e}); `pip install matplotlib` to get it"); del files['confusion_matrix']
     return files
 
 # %% ../nbs/02c_metrics.ipynb #f3b465ec
