@@ -191,6 +191,10 @@ class LiveChartTracker:
     def log_artifact(self, path, artifact_path=None): return self.inner.log_artifact(path, artifact_path)
     def set_tags(self, tags:dict): return self.inner.set_tags(tags)
     def log_model(self, *args, **kwargs): return self.inner.log_model(*args, **kwargs)
+    def get_model_version(self, name, alias): return self.inner.get_model_version(name, alias)
+    def set_model_alias(self, name, alias, version): return self.inner.set_model_alias(name, alias, version)
+    def tag_model_version(self, name, version, tags, description=None): return self.inner.tag_model_version(name, version, tags, description)
+    def log_dataset(self, name, digest, source, context='training'): return self.inner.log_dataset(name, digest, source, context)
     def end(self, status:str='FINISHED'): return self.inner.end(status)
     def __getattr__(self, name): return getattr(self.inner, name)   # whatever else a particular tracker offers
 
