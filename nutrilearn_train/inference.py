@@ -395,6 +395,15 @@ class RoutedPredictor:
     def __repr__(self): return f"RoutedPredictor({ {a: round(w, 3) for a, w in self.weights.items()} })" 
 
 # %% ../nbs/05_inference.ipynb #ce2b52ee
+def _missing_files(name:str, mv, uri:str, err:Exception) -> FileNotFoundError:
+    "The error for a registered version whose files are not where the tracking store says (e.g. a store moved from Colab)."
+    return FileNotFoundError(
+        f"{name} version {mv.version} is registered in {uri}, but its files cannot be read ({' '.join(str(err).split())[:200]}). "
+        "If mlflow.db was moved from another machine (e.g. Colab's /content/drive/MyDrive/nutrilearn) together with its "
+        "mlartifacts/ folder, its artifact paths still point to the old place: re-root them once with "
+        "`python -c \"from nutrilearn_train.colab import reroot_mlflow_store; reroot_mlflow_store('mlflow.db', 'OLD_FOLDER')\"`; "
+        "otherwise load the version's outputs/vN folder with Predictor.from_dir")
+
 def load_registered_model(ref,                      # see `parse_model_ref`
                           tracking_uri:str|None=None # default: $MLFLOW_TRACKING_URI, else sqlite in the working directory
                          ) -> tuple[nn.Module, dict, int]:
@@ -411,7 +420,9 @@ def load_registered_model(ref,                      # see `parse_model_ref`
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     with _use_tracking_uri(uri):
         src = f"models:/{name}/{mv.version}"
-        if mlflow.models.get_model_info(src).flavors.get('python_function', {}).get('loader_module') != 'mlflow.pyfunc.loaders.code_model':
+        try: info = mlflow.models.get_model_info(src)
+        except (MlflowException, OSError) as e: raise _missing_files(name, mv, uri, e) from None
+        if info.flavors.get('python_function', {}).get('loader_module') != 'mlflow.pyfunc.loaders.code_model':
             raise ValueError(f"{name} version {mv.version} was logged as a pickled PyTorch module, which is not loaded (unpickling can run "
                              "code); retrain with nutrilearn-train (it registers the serving pyfunc), or load its outputs/vN folder with Predictor.from_dir")
         py = mlflow.pyfunc.load_model(src).unwrap_python_model()
