@@ -25,8 +25,8 @@ __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predic
            'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'require_export_extra',
            'load_exported', 'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8',
            'Predictor', 'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route',
-           'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'predict_files', 'save_explanation',
-           'save_explanations', 'predict_main', 'default_export_path', 'export_main']
+           'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files',
+           'save_explanation', 'save_explanations', 'predict_main', 'default_export_path', 'export_main']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
 def class_probabilities(logits:torch.Tensor # (n_classes,) or (B, n_classes) raw model outputs
@@ -455,13 +455,14 @@ class EnsembleForward:
     def __init__(self, members:list, weights:list): self.members, self.weights = members, weights
     def __call__(self, xb:torch.Tensor) -> torch.Tensor: return ensemble_logits([m.logits(xb) for m in self.members], self.weights).float()
 
-def _member(cls, ref, device, tracking_uri=None) -> Predictor:
-    "A member `Predictor` from a `Predictor`, a folder, a registry reference or an exported file."
+def load_predictor(ref,                 # a `Predictor`, a model folder, an exported file or a 'models:/…' reference
+                   device:str='auto', tracking_uri:str|None=None) -> Predictor:
+    "A `Predictor` for `ref`, whichever kind of model reference it is."
     if isinstance(ref, (Predictor, RoutedPredictor)): return ref
-    if isinstance(ref, (tuple, str)) and str(ref).startswith(('models:/', '(')): return cls.from_registry(ref, tracking_uri, device)
+    if isinstance(ref, (tuple, str)) and str(ref).startswith(('models:/', '(')): return Predictor.from_registry(ref, tracking_uri, device)
     p = Path(ref)
-    if p.is_dir(): return cls.from_dir(p, device)
-    if p.is_file(): return cls.from_export(p)
+    if p.is_dir(): return Predictor.from_dir(p, device)
+    if p.is_file(): return Predictor.from_export(p)
     raise FileNotFoundError(f"ensemble member {str(ref)!r} is neither a model folder, an exported file nor a 'models:/<name>@<alias>' reference")
 
 # %% ../nbs/05_inference.ipynb #7648808d
@@ -469,7 +470,7 @@ def _ensemble(cls, members:Sequence,       # Predictors, model folders, 'models:
               weights:Sequence[float]|None=None, # one per member (None: equal)
               device:str='auto', tracking_uri:str|None=None) -> Predictor:
     "A `Predictor` averaging the members' probabilities (weighted)."
-    preds = [_member(cls, m, device, tracking_uri) for m in members]
+    preds = [load_predictor(m, device, tracking_uri) for m in members]
     w, first = ensemble_weights(weights, len(preds)), preds[0]
     for p in preds[1:]:
         if p.class_names != first.class_names:
