@@ -431,7 +431,7 @@ def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_
 Predictor.from_registry = classmethod(_from_registry)
 
 # %% ../nbs/05_inference.ipynb #6a637e65
-from .explain import denormalize, grad_cam, overlay_cam   # 02e_explain
+from .explain import denormalize, grad_cam, overlay_cam, save_png   # 02e_explain
 
 def _explain(self, image,                 # a path, raw bytes or a PIL image
              class_name:str|None=None     # class to explain (default: the predicted one)
@@ -509,8 +509,7 @@ def save_explanation(predictor:Predictor, image, preds:list, # `(class, probabil
     fig = Figure(figsize=(3.2, 3.7), layout='constrained')
     ax = fig.add_subplot(); ax.imshow(pic); ax.axis('off')
     ax.set_title('\n'.join(f"{c} {p:.1%}" for c, p in preds), fontsize=9)
-    fig.savefig(path, dpi=80)
-    return Path(path)
+    return save_png(fig, path, dpi=80)
 
 def save_explanations(predictor:Predictor, results:list, out_dir:str|Path) -> list[Path]:
     "One `save_explanation` PNG per successful `predict_files` result, named after the image (numbered when stems repeat)."
