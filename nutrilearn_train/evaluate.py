@@ -104,7 +104,7 @@ def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     p.add_argument('--num-workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     p.add_argument('--max-per-class', type=int, default=None, help='cap images per class (quick checks)')
-    p.add_argument('--top-errors', type=int, default=0, help='also save a gallery of the N most confident mistakes')
+    p.add_argument('--top-errors', type=int, default=0, help='also save galleries with Grad-CAM of the N worst mistakes (misclassified.png) and N highest losses (top_losses.png)')
     p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when its store answers)')
     return p.parse_args(argv)
 
@@ -158,15 +158,14 @@ def _log_to_run(results, files, mcfg:dict, split:str, out:Path) -> str:
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
 
 # %% ../nbs/04_evaluate.ipynb #05bdf838
-def _save_gallery(samples, logits, targets, names, k:int, out:Path) -> dict:
-    "Save `misclassified.png` of the `k` most confident errors (skipped if samples and predictions misalign)."
-    if len(samples) != len(targets) or any(s[1] != t for s, t in zip(samples, targets.tolist())):
-        print("gallery skipped: some images were dropped while loading, so paths and predictions do not align", file=sys.stderr)
-        return {}
-    _, probs = decode_logits(logits)
-    fig = plot_misclassified(samples, most_confident_errors(probs, targets, k), probs, names)
-    fig.savefig(out/'misclassified.png', dpi=100)
-    return {'misclassified': out/'misclassified.png'}
+from . import explain   # the galleries with Grad-CAM (02e_explain)
+from .data import build_val_transform
+
+def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:Path, device='cpu') -> dict:
+    "Save `misclassified.png` and `top_losses.png` (`k` photos each, with Grad-CAM); skipped with a note if samples and predictions misalign."
+    tf = build_val_transform(input_side(mcfg), int(mcfg.get('resize_size', 256)))
+    try: return explain.save_galleries(model, samples, logits, targets, names, out, tf, k, device)
+    except ValueError as e: print(f"gallery skipped: {e}", file=sys.stderr); return {}
 
 # %% ../nbs/04_evaluate.ipynb #076d498b
 from .ensemble import ensemble_logits   # 02f_ensemble
@@ -231,7 +230,7 @@ def main(argv:list|None=None) -> int:
         res = results_from_logits(logits, targets, names, 1000 * secs / len(targets))
         out = Path(args.output_dir or mdir)
         files = save_evaluation(res, out, names, targets.numpy(), logits.argmax(1).numpy())
-        if args.top_errors: files.update(_save_gallery(dl.dataset.samples, logits, targets, names, args.top_errors, out))
+        if args.top_errors: files.update(_save_gallery(model, mcfg, dl.dataset.samples, logits, targets, names, args.top_errors, out, device))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         print(f"nutrilearn-evaluate: error: {e}", file=sys.stderr); return 1
     print(format_report(res, args.split)); print(f"results: {out}")
