@@ -459,11 +459,11 @@ def load_predictor(ref,                 # a `Predictor`, a model folder, an expo
                    device:str='auto', tracking_uri:str|None=None) -> Predictor:
     "A `Predictor` for `ref`, whichever kind of model reference it is."
     if isinstance(ref, (Predictor, RoutedPredictor)): return ref
-    if isinstance(ref, (tuple, str)) and str(ref).startswith(('models:/', '(')): return Predictor.from_registry(ref, tracking_uri, device)
+    if isinstance(ref, tuple) or str(ref).startswith('models:/'): return Predictor.from_registry(ref, tracking_uri, device)
     p = Path(ref)
     if p.is_dir(): return Predictor.from_dir(p, device)
     if p.is_file(): return Predictor.from_export(p)
-    raise FileNotFoundError(f"ensemble member {str(ref)!r} is neither a model folder, an exported file nor a 'models:/<name>@<alias>' reference")
+    raise FileNotFoundError(f"model {str(ref)!r} is neither a model folder (outputs or outputs/v3), an exported file nor a 'models:/<name>@<alias>' reference")
 
 # %% ../nbs/05_inference.ipynb #7648808d
 def _ensemble(cls, members:Sequence,       # Predictors, model folders, 'models:/…' references or exported files
