@@ -27,7 +27,7 @@ from .tracking import MLflowTracker
 
 # %% auto #0
 __all__ = ['most_confident_errors', 'plot_misclassified', 'log_evaluation', 'load_evaluation_model', 'parse_evaluate_args',
-           'format_report', 'main']
+           'format_report', 'evaluate_ensemble', 'format_comparison', 'main']
 
 # %% ../nbs/04_evaluate.ipynb #e1ebe095
 def most_confident_errors(probs:torch.Tensor,   # (N, C) probabilities
@@ -95,7 +95,8 @@ def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     "Parse `nutrilearn-evaluate` flags."
     p = argparse.ArgumentParser(prog='nutrilearn-evaluate', description='Evaluate saved model artifacts on Food-101.',
                                 formatter_class=HelpFormatter)
-    p.add_argument('--model-dir', required=True, help='a version folder v{N} or the output folder (newest version)')
+    p.add_argument('--model-dir', required=True, action='append', help='a version folder v{N} or the output folder (newest version); repeat it to evaluate an ensemble and each member side by side')
+    p.add_argument('--weights', type=float, nargs='+', default=None, help='ensemble: one weight per --model-dir (default: equal)')
     p.add_argument('--data-dir', required=True, help='folder holding food-101/ (or an image-folder tree)')
     p.add_argument('--split', choices=('test', 'val'), default='test', help='held-out test split, or the validation part of the training images')
     p.add_argument('--output-dir', default=None, help='where results go (default: the model version folder)')
@@ -103,7 +104,7 @@ def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     p.add_argument('--num-workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     p.add_argument('--max-per-class', type=int, default=None, help='cap images per class (quick checks)')
-    p.add_argument('--top-errors', type=int, default=0, help='also save a gallery of the N most confident mistakes')
+    p.add_argument('--top-errors', type=int, default=0, help='also save galleries with Grad-CAM of the N worst mistakes (misclassified.png) and N highest losses (top_losses.png)')
     p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when its store answers)')
     return p.parse_args(argv)
 
@@ -157,32 +158,79 @@ def _log_to_run(results, files, mcfg:dict, split:str, out:Path) -> str:
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
 
 # %% ../nbs/04_evaluate.ipynb #05bdf838
-def _save_gallery(samples, logits, targets, names, k:int, out:Path) -> dict:
-    "Save `misclassified.png` of the `k` most confident errors (skipped if samples and predictions misalign)."
-    if len(samples) != len(targets) or any(s[1] != t for s, t in zip(samples, targets.tolist())):
-        print("gallery skipped: some images were dropped while loading, so paths and predictions do not align", file=sys.stderr)
-        return {}
-    _, probs = decode_logits(logits)
-    fig = plot_misclassified(samples, most_confident_errors(probs, targets, k), probs, names)
-    fig.savefig(out/'misclassified.png', dpi=100)
-    return {'misclassified': out/'misclassified.png'}
+from . import explain   # the galleries with Grad-CAM (02e_explain)
+from .data import build_val_transform
+
+def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:Path, device='cpu') -> dict:
+    "Save `misclassified.png` and `top_losses.png` (`k` photos each, with Grad-CAM); skipped with a note if samples and predictions misalign."
+    tf = build_val_transform(input_side(mcfg), int(mcfg.get('resize_size', 256)))
+    try: return explain.save_galleries(model, samples, logits, targets, names, out, tf, k, device)
+    except ValueError as e: print(f"gallery skipped: {e}", file=sys.stderr); return {}
+
+# %% ../nbs/04_evaluate.ipynb #076d498b
+from .ensemble import ensemble_logits   # 02f_ensemble
+
+def evaluate_ensemble(members:Sequence[tuple],     # `(label, model)` pairs, models in eval mode on `device`
+                      dl, class_names:Sequence[str], device='cpu',
+                      weights:Sequence[float]|None=None # one per member (None: equal)
+                     ) -> dict[str, EvaluationResults]:
+    "`EvaluationResults` of each member and of their probability-averaging `'ensemble'`, on the same loader."
+    logits, out, secs, targets = [], {}, 0.0, None
+    for label, model in members:
+        l, t, s = collect_predictions(model, dl, device)
+        if targets is not None and not torch.equal(t, targets): raise ValueError("the loader returned the images in another order for another member; use a loader without shuffling")
+        logits.append(l); targets = t; secs += s
+        out[label] = results_from_logits(l, t, class_names, 1000 * s / len(t))
+    out['ensemble'] = results_from_logits(ensemble_logits(logits, weights).float(), targets, class_names, 1000 * secs / len(targets))
+    return out
+
+# %% ../nbs/04_evaluate.ipynb #b555ba15
+def format_comparison(results:dict[str, EvaluationResults]) -> str:
+    "A text table: one row per model (the ensemble last), top-1, top-5, macro-F1 and ms/image."
+    w = max(len('model'), *map(len, results))
+    rows = [f"{'model':<{w}}  {'images':>6}  {'top-1':>7}  {'top-5':>7}  {'macro-F1':>8}  {'ms/image':>8}"]
+    rows += [f"{k:<{w}}  {r.total_samples:>6}  {r.top1_accuracy:>7.2%}  {r.top5_accuracy:>7.2%}  {r.macro_f1:>8.3f}  {r.inference_time_ms:>8.1f}"
+             for k, r in results.items()]
+    return '\n'.join(rows)
+
+# %% ../nbs/04_evaluate.ipynb #52fdc076
+def _evaluate_many(args) -> int:
+    "`nutrilearn-evaluate` with several `--model-dir`: the ensemble and its members in one table, saved as `comparison.json`."
+    try:
+        device = get_device(args.device)
+        loaded = [load_evaluation_model(d, device) for d in args.model_dir]
+        (_, first, fdir) = loaded[0]
+        for _, mc, mdir in loaded[1:]:
+            if mc['class_names'] != first['class_names'] or input_side(mc) != input_side(first):
+                raise ValueError(f"{mdir} and {fdir} differ in classes or input size; ensemble models trained on the same classes")
+        names, dl = list(first['class_names']), _eval_loader(args, first)
+        labels = [f"{i + 1}: {d} ({mc['model_name']})" for i, (d, (_, mc, _)) in enumerate(zip(args.model_dir, loaded))]
+        res = evaluate_ensemble(list(zip(labels, (m for m, _, _ in loaded))), dl, names, device, args.weights)
+        out = Path(args.output_dir or fdir/'ensemble_evaluation'); out.mkdir(parents=True, exist_ok=True)
+        (out/'comparison.json').write_text(json.dumps({k: r.to_dict() for k, r in res.items()}, indent=2) + '\n')
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        print(f"nutrilearn-evaluate: error: {e}", file=sys.stderr); return 1
+    print(f"{args.split}: the ensemble (weights {args.weights or 'equal'}) and its {len(loaded)} members\n{format_comparison(res)}")
+    print(f"results: {out/'comparison.json'} (an ensemble has no MLflow run: nothing logged)")
+    return 0
 
 # %% ../nbs/04_evaluate.ipynb #ed7cbd49
 def main(argv:list|None=None) -> int:
     "`nutrilearn-evaluate`: evaluate saved artifacts, save and print the report; 0 on success."
     args = parse_evaluate_args(argv)
+    if len(args.model_dir) > 1 or args.weights: return _evaluate_many(args)
     try:
         if args.batch_size < 1 or args.num_workers < 0 or (args.max_per_class is not None and args.max_per_class < 1):
             raise ValueError("--batch-size and --max-per-class must be >= 1 and --num-workers >= 0")
         if not Path(args.data_dir).is_dir(): raise FileNotFoundError(f"data dir {args.data_dir} does not exist")
         device = get_device(args.device)
-        model, mcfg, mdir = load_evaluation_model(args.model_dir, device)
+        model, mcfg, mdir = load_evaluation_model(args.model_dir[0], device)
         names, dl = list(mcfg['class_names']), _eval_loader(args, mcfg)
         logits, targets, secs = collect_predictions(model, dl, device)
         res = results_from_logits(logits, targets, names, 1000 * secs / len(targets))
         out = Path(args.output_dir or mdir)
         files = save_evaluation(res, out, names, targets.numpy(), logits.argmax(1).numpy())
-        if args.top_errors: files.update(_save_gallery(dl.dataset.samples, logits, targets, names, args.top_errors, out))
+        if args.top_errors: files.update(_save_gallery(model, mcfg, dl.dataset.samples, logits, targets, names, args.top_errors, out, device))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         print(f"nutrilearn-evaluate: error: {e}", file=sys.stderr); return 1
     print(format_report(res, args.split)); print(f"results: {out}")

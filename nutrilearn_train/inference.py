@@ -25,8 +25,8 @@ __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predic
            'preprocess_image', 'load_model_for_inference', 'predict_image', 'export_metadata', 'require_export_extra',
            'load_exported', 'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8',
            'Predictor', 'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route',
-           'RoutedPredictor', 'load_registered_model', 'predict_files', 'predict_main', 'default_export_path',
-           'export_main']
+           'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files',
+           'save_explanation', 'save_explanations', 'predict_main', 'default_export_path', 'export_main']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
 def class_probabilities(logits:torch.Tensor # (n_classes,) or (B, n_classes) raw model outputs
@@ -441,6 +441,60 @@ def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_
 
 Predictor.from_registry = classmethod(_from_registry)
 
+# %% ../nbs/05_inference.ipynb #6a637e65
+from .explain import denormalize, grad_cam, overlay_cam, save_png   # 02e_explain
+
+def _explain(self, image,                 # a path, raw bytes or a PIL image
+             class_name:str|None=None     # class to explain (default: the predicted one)
+            ) -> np.ndarray:
+    "Grad-CAM map `[H, W]` in [0, 1] for `image` at the model's input size."
+    if not isinstance(self.model, nn.Module):
+        raise ValueError("explain needs the PyTorch model: load it with Predictor.from_dir or Predictor.from_registry "
+                         "(exported ONNX/TorchScript files and ensembles carry no gradients here)")
+    if class_name is not None and class_name not in self.class_names:
+        raise ValueError(f"class_name {class_name!r} is not one of the model's {len(self.class_names)} classes, e.g. {self.class_names[:3]}")
+    x = self.transform(load_image(image)).unsqueeze(0).to(self.device)
+    with self._lock: return grad_cam(self.model, x, None if class_name is None else self.class_names.index(class_name))[0]
+
+Predictor.explain = _explain
+
+# %% ../nbs/05_inference.ipynb #7ea69fc0
+from .ensemble import ensemble_logits, ensemble_weights   # 02f_ensemble
+
+class EnsembleForward:
+    "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' probabilities."
+    def __init__(self, members:list, weights:list): self.members, self.weights = members, weights
+    def __call__(self, xb:torch.Tensor) -> torch.Tensor: return ensemble_logits([m.logits(xb) for m in self.members], self.weights).float()
+
+def load_predictor(ref,                 # a `Predictor`, a model folder, an exported file or a 'models:/…' reference
+                   device:str='auto', tracking_uri:str|None=None) -> Predictor:
+    "A `Predictor` for `ref`, whichever kind of model reference it is."
+    if isinstance(ref, (Predictor, RoutedPredictor)): return ref
+    if isinstance(ref, tuple) or str(ref).startswith('models:/'): return Predictor.from_registry(ref, tracking_uri, device)
+    p = Path(ref)
+    if p.is_dir(): return Predictor.from_dir(p, device)
+    if p.is_file(): return Predictor.from_export(p)
+    raise FileNotFoundError(f"model {str(ref)!r} is neither a model folder (outputs or outputs/v3), an exported file nor a 'models:/<name>@<alias>' reference")
+
+# %% ../nbs/05_inference.ipynb #7648808d
+def _ensemble(cls, members:Sequence,       # Predictors, model folders, 'models:/…' references or exported files
+              weights:Sequence[float]|None=None, # one per member (None: equal)
+              device:str='auto', tracking_uri:str|None=None) -> Predictor:
+    "A `Predictor` averaging the members' probabilities (weighted)."
+    preds = [load_predictor(m, device, tracking_uri) for m in members]
+    w, first = ensemble_weights(weights, len(preds)), preds[0]
+    for p in preds[1:]:
+        if p.class_names != first.class_names:
+            raise ValueError(f"ensemble members must have the same classes in the same order: {first!r} and {p!r} differ")
+        if (input_side(p.config), p.config.get('resize_size')) != (input_side(first.config), first.config.get('resize_size')):
+            raise ValueError(f"ensemble members must share the input size and resize: {first!r} and {p!r} differ")
+    cfg = {**first.config, 'model_name': 'ensemble(' + ', '.join(str(p.model_name) for p in preds) + ')', 'ensemble_weights': w}
+    ens = cls(EnsembleForward(preds, w), cfg, 'cpu', version=[p.version for p in preds])
+    ens.members, ens.weights = preds, w
+    return ens
+
+Predictor.ensemble = classmethod(_ensemble)
+
 # %% ../nbs/05_inference.ipynb #20fb46c9
 def predict_files(predictor:Predictor, images:Sequence[str], # image paths
                   top_k:int=3, batch_size:int=32) -> list:
@@ -457,6 +511,28 @@ def predict_files(predictor:Predictor, images:Sequence[str], # image paths
             r['predictions'] = [{'class': c, 'probability': p} for c, p in topk_predictions(logits, predictor.class_names, top_k)]
     return out
 
+# %% ../nbs/05_inference.ipynb #7ec0b1d0
+def save_explanation(predictor:Predictor, image, preds:list, # `(class, probability)` pairs shown in the title
+                     path:str|Path) -> Path:
+    "Write `image`'s centre crop with its Grad-CAM overlaid and `preds` as the title to the PNG `path`."
+    from matplotlib.figure import Figure   # drawing only: `Predictor` itself needs no matplotlib
+    pic = overlay_cam(denormalize(predictor.transform(load_image(image))), predictor.explain(image))
+    fig = Figure(figsize=(3.2, 3.7), layout='constrained')
+    ax = fig.add_subplot(); ax.imshow(pic); ax.axis('off')
+    ax.set_title('\n'.join(f"{c} {p:.1%}" for c, p in preds), fontsize=9)
+    return save_png(fig, path, dpi=80)
+
+def save_explanations(predictor:Predictor, results:list, out_dir:str|Path) -> list[Path]:
+    "One `save_explanation` PNG per successful `predict_files` result, named after the image (numbered when stems repeat)."
+    out, seen, paths = Path(out_dir), set(), []
+    out.mkdir(parents=True, exist_ok=True)
+    for r in (r for r in results if 'predictions' in r):
+        name = f"{Path(r['image']).stem}_gradcam"
+        while name in seen: name += '_'
+        seen.add(name)
+        paths.append(save_explanation(predictor, r['image'], [(p['class'], p['probability']) for p in r['predictions']], out/f'{name}.png'))
+    return paths
+
 # %% ../nbs/05_inference.ipynb #0d8736db
 def _fail(prog:str, e:Exception, code:int=2) -> int:
     print(f"{prog}: error: {e}", file=sys.stderr)
@@ -470,6 +546,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument('--top-k', type=int, default=3, help='predictions per image')
     p.add_argument('--json', action='store_true', help='print one JSON list instead of text lines (off by default)')
     p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
+    p.add_argument('--explain', metavar='DIR', default=None, help='also write each photo with its Grad-CAM heat map and top-k to DIR (off by default)')
     return p
 
 # %% ../nbs/05_inference.ipynb #61d1443e
@@ -487,6 +564,7 @@ def predict_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
         if 'error' in r:
             if not a.json: print(f"nutrilearn-predict: {r['error']}", file=sys.stderr)
         elif not a.json: print(f"{r['image']}: " + ', '.join(f"{p['class']} {p['probability']:.1%}" for p in r['predictions']))
+    if a.explain: print(f"explanations: {len(save_explanations(pred, results, a.explain))} PNGs in {a.explain}", file=sys.stderr)
     return 0 if any('predictions' in r for r in results) else 1
 
 # %% ../nbs/05_inference.ipynb #30894e2c

@@ -32,11 +32,12 @@ class Backbone:
     in_features: int         # width of the features entering the head
     dropout: float|None      # dropout before the head's Linear (None: no dropout)
     stages: Callable         # model -> list of freezable stages, input side first
+    cam_layer: str = ''      # dotted path of the last convolutional stage (Grad-CAM's target layer)
 
 BACKBONES = {
-    'mobilenet_v2':    Backbone(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.DEFAULT, tvm.MobileNetV2, 'classifier', 1280, 0.2, _features_stages),
-    'efficientnet_b0': Backbone(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.DEFAULT, tvm.EfficientNet, 'classifier', 1280, 0.2, _features_stages),
-    'resnet50':        Backbone(tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, tvm.ResNet, 'fc', 2048, None, _resnet_stages),
+    'mobilenet_v2':    Backbone(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.DEFAULT, tvm.MobileNetV2, 'classifier', 1280, 0.2, _features_stages, cam_layer='features.18'),
+    'efficientnet_b0': Backbone(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.DEFAULT, tvm.EfficientNet, 'classifier', 1280, 0.2, _features_stages, cam_layer='features.8'),
+    'resnet50':        Backbone(tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, tvm.ResNet, 'fc', 2048, None, _resnet_stages, cam_layer='layer4'),
 }
 
 # %% ../nbs/02_models.ipynb #786e1126

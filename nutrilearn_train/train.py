@@ -515,6 +515,14 @@ def _update_model_config(vdir:Path, **kw) -> dict:
     return mc
 
 # %% ../nbs/03_train.ipynb #4acde014
+from . import explain   # the galleries (02e_explain)
+
+def _galleries(model, dl, logits, targets, names:list, vdir:Path, device) -> dict:
+    "`misclassified.png` and `top_losses.png` with Grad-CAM in `vdir`; a warning (not a failure) when they cannot be drawn."
+    try: return explain.save_galleries(model, getattr(dl.dataset, 'samples', []), logits, targets, names, vdir,
+                                       data.build_val_transform(IMAGE_SIZE, RESIZE_SIZE), device=device)
+    except (ValueError, OSError, RuntimeError) as e: warnings.warn(f"galleries skipped: {' '.join(str(e).split())[:300]}"); return {}
+
 def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, device) -> dict|None:
     "Evaluate `model` on the held-out split, write its report into `vdir`; None (with a warning) if that fails."
     names, found = sorted(class_to_idx, key=class_to_idx.get), data.find_dataset(cfg.data_dir)
@@ -529,6 +537,7 @@ def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, devi
         files = metrics.save_evaluation(res, vdir, names, targets.numpy(), logits.argmax(1).numpy())
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         warnings.warn(f"test evaluation skipped ({' '.join(str(e).split())[:300]}); the model is saved, without test metrics"); return None
+    files.update(_galleries(model, dl, logits, targets, names, vdir, device))
     rel = [f"{Path(p).parent.name}/{Path(p).name}" for p, _ in getattr(dl.dataset, 'samples', [])]
     print(f"{split} split ({res.total_samples} images{'' if split == 'test' else ', no test split found'}): top-1 {res.top1_accuracy:.2%}  "
           f"top-5 {res.top5_accuracy:.2%}  macro-F1 {res.macro_f1:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
