@@ -521,7 +521,8 @@ def _galleries(model, dl, logits, targets, names:list, vdir:Path, device) -> dic
     "`misclassified.png` and `top_losses.png` with Grad-CAM in `vdir`; a warning (not a failure) when they cannot be drawn."
     try: return explain.save_galleries(model, getattr(dl.dataset, 'samples', []), logits, targets, names, vdir,
                                        data.build_val_transform(IMAGE_SIZE, RESIZE_SIZE), device=device)
-    except (ValueError, OSError, RuntimeError) as e: warnings.warn(f"galleries skipped: {' '.join(str(e).split())[:300]}"); return {}
+    except (ValueError, OSError, RuntimeError, ImportError) as e:   # ImportError: no matplotlib on a bare GPU box
+        warnings.warn(f"galleries skipped: {' '.join(str(e).split())[:300]}"); return {}
 
 def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, device) -> dict|None:
     "Evaluate `model` on the held-out split, write its report into `vdir`; None (with a warning) if that fails."
