@@ -40,20 +40,21 @@ class AugmentSpec(NamedTuple):
     ratio: tuple = (3 / 4, 4 / 3)    # RandomResizedCrop aspect (width / height) range
     flip_p: float = 0.5              # horizontal flip probability
     jitter: tuple = (0.2, 0.2, 0.2)  # colour jitter strength: brightness, contrast, saturation
+    trivial: bool = False            # add TrivialAugmentWide after the flip (CPU pipeline only: `--augment trivialaugment`)
     @classmethod
     def from_config(cls, cfg) -> 'AugmentSpec':
         "The spec a `TrainingConfig` describes (its `crop_*`, `flip_prob` and `jitter_*` fields)."
         return cls((cfg.crop_scale_min, cfg.crop_scale_max), (cfg.crop_ratio_min, cfg.crop_ratio_max), cfg.flip_prob,
-                   (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation))
+                   (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation), getattr(cfg, 'augment', 'seed') == 'trivialaugment')
 
 # %% ../nbs/01_data.ipynb #3ee33cc5
 def build_train_transform(size:int=IMAGE_SIZE,                # output side in pixels
                           augment:Optional[AugmentSpec]=None  # default: `AugmentSpec()`
                          ) -> T.Compose:
-    "Training augmentation: random resized crop, flip, colour jitter (as `augment` says), then ImageNet normalisation."
+    "Training augmentation: random resized crop, flip, (TrivialAugmentWide,) colour jitter as `augment` says, then ImageNet normalisation."
     a = augment or AugmentSpec()
     return T.Compose([T.RandomResizedCrop(size, scale=tuple(a.scale), ratio=tuple(a.ratio)), T.RandomHorizontalFlip(a.flip_p),
-                      T.ColorJitter(*a.jitter), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      *([T.TrivialAugmentWide()] if a.trivial else []), T.ColorJitter(*a.jitter), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 def build_val_transform(size:int=IMAGE_SIZE,  # output side in pixels
                         resize:int=RESIZE_SIZE # short side before the centre crop

@@ -27,12 +27,13 @@ from .persistence import (  # the artifact and checkpoint format lives in 02a_pe
 
 # %% auto #0
 __all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer', 'build_scheduler',
-           'step_scheduler', 'amp_dtype_for', 'amp_settings', 'cuda_speedups', 'NonFiniteLossError', 'StepGuard',
-           'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed', 'teardown_distributed', 'all_reduce_sums',
-           'broadcast_buffers', 'train_epoch', 'validate_epoch', 'prune_checkpoints', 'save_epoch_checkpoints',
-           'resolve_data_pipeline', 'make_loaders', 'start_epoch', 'TrainingDivergedError', 'fit', 'check_writable',
-           'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker',
-           'prepare_model', 'train', 'sigterm_as_interrupt', 'main']
+           'step_scheduler', 'warmup_cosine_factor', 'amp_dtype_for', 'amp_settings', 'cuda_speedups',
+           'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed',
+           'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch', 'validate_epoch',
+           'prune_checkpoints', 'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders', 'start_epoch',
+           'TrainingDivergedError', 'fit', 'check_writable', 'resolve_resume', 'CheckpointExistsError',
+           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'train', 'sigterm_as_interrupt',
+           'main']
 
 # %% ../nbs/03_train.ipynb #304a80fa
 class EarlyStopping:
@@ -69,12 +70,15 @@ def build_optimizer(model:nn.Module, name:str='adam', # one of `OPTIMIZERS`
 # %% ../nbs/03_train.ipynb #2913da03
 def build_scheduler(optimizer, name:str='reduce_on_plateau', # one of `SCHEDULERS` ('plateau' is an alias)
                     *, factor:float=0.5, patience:int=3, # plateau: lr × factor after `patience` flat epochs
-                    epochs:int|None=None):               # cosine: the period
+                    epochs:int|None=None,                # cosine: the period
+                    warmup:int=0):                       # cosine: epochs of linear warmup first (0: plain cosine)
     "The learning-rate scheduler `name` for `optimizer` (None for 'none')."
     if name in ('reduce_on_plateau', 'plateau'): return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor, patience=patience)
     if name == 'cosine':
         if not epochs: raise ValueError("the cosine scheduler needs epochs >= 1")
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        if not warmup: return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        if not 0 < warmup < epochs: raise ValueError(f"warmup must be in 0..epochs-1 (at least one epoch of decay), got warmup={warmup}, epochs={epochs}")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_cosine_factor(e, warmup, epochs))
     if name == 'none': return None
     raise ValueError(f"scheduler {name!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
 
@@ -82,6 +86,15 @@ def step_scheduler(scheduler, val_loss:float):
     "Advance `scheduler` once per epoch (the plateau scheduler watches `val_loss`)."
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau): scheduler.step(val_loss)
     elif scheduler is not None: scheduler.step()
+
+# %% ../nbs/03_train.ipynb #dcc4d209
+def warmup_cosine_factor(epoch:int,  # epochs completed (the scheduler's step count)
+                         warmup:int,  # epochs of linear warmup
+                         epochs:int   # total epochs
+                        ) -> float:
+    "The learning-rate multiplier at `epoch`: linear up to 1 over `warmup` epochs, then a cosine down to 0 at `epochs`."
+    if epoch < warmup: return (epoch + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, epochs - warmup) / (epochs - warmup)))
 
 # %% ../nbs/03_train.ipynb #5381856c
 def amp_dtype_for(capability:tuple|None,      # `torch.cuda.get_device_capability()`, None without a GPU
@@ -380,7 +393,7 @@ def make_loaders(cfg:TrainingConfig, device:torch.device, dist:DistInfo|None=Non
     if cfg.download and dist is not None and dist.active: tdist.barrier()
     kw = dict(train_split=cfg.train_split, seed=cfg.seed, max_per_class=cfg.max_per_class, augment=data.AugmentSpec.from_config(cfg),
               shard=(dist.rank, dist.world_size) if dist is not None and dist.active else None)
-    if resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu':
+    if cfg.augment == 'seed' and resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu':   # trivialaugment: CPU pipeline (PIL)
         tr, va, c2i, tp, vp = gpu_data.get_gpu_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, device=device, channels_last=True,
                                                             strict_decode=cfg.data_pipeline == 'gpu', **kw)
         probe = lambda: gpu_data.probe_gpu_pipeline([p for p, _ in va.dataset.samples + tr.dataset.samples], device)
@@ -427,9 +440,11 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
     "Train `model` for the epochs of `cfg` with checkpoints, early stopping and NaN rollback."
     device, tracker, main = torch.device(device), tracker or tracking.NullTracker(), dist is None or dist.is_main
     scored = model.module if isinstance(model, DistributedDataParallel) else model  # DDP's forward would sync buffers
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)   # training loss only
+    val_criterion = nn.CrossEntropyLoss()   # plain: validation losses stay comparable across label smoothing values
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience, epochs=cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience, epochs=cfg.epochs,
+                                warmup=cfg.warmup_epochs)
     amp_dtype, scaler = amp_settings(device, cfg.mixed_precision)
     early, guard, cl = EarlyStopping(cfg.early_stopping_patience), StepGuard(), device.type == 'cuda'
     targets, extra = dict(scheduler=scheduler, scaler=scaler, early_stopping=early), dict(config=cfg, **(extra_state or {}))
@@ -446,7 +461,7 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
         except NonFiniteLossError as e:
             rollbacks += 1; epoch, history = _roll_back(e, good, model, optimizer, targets, rollbacks); continue
         broadcast_buffers(model, dist)         # every rank scores (and rank 0 saves) the same weights and BN statistics
-        vl, va = validate(scored, val_loader, criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
+        vl, va = validate(scored, val_loader, val_criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
         lr = optimizer.param_groups[0]['lr']
         step_scheduler(scheduler, vl)
         improved = early.step(vl, epoch, va)
@@ -594,6 +609,10 @@ def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
     if changed:
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
                          + f"; resume with the same value{'s' if len(changed) > 1 else ''} (they decide the train/validation split)")
+    recipe = [k for k in ('warmup_epochs', 'label_smoothing', 'augment') if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
+    if recipe:   # a different schedule, loss or augmentation would not continue the same run
+        raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved.get(k, getattr(TrainingConfig, k))}" for k in recipe)
+                         + "; resume with the same recipe (or start a fresh run)")
 
 def train_params(cfg:TrainingConfig, train_loader, val_loader, world_size:int=1) -> dict:
     "What `train` logs as MLflow params: the config, the dataset sizes and the number of processes."
@@ -608,6 +627,7 @@ def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist
     "The backbone of `cfg` on `device`, converted, compiled and wrapped as `cfg` and `dist` say."
     model = models.build_model(cfg.model_name, num_classes, cfg.pretrained, cfg.weights_path)
     if cfg.freeze_layers: models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.grad_checkpointing: models.enable_grad_checkpointing(model)
     ddp = dist is not None and dist.active
     if cfg.sync_bn and ddp and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_bn: warnings.warn("--sync-bn is ignored: SyncBatchNorm needs several processes (torchrun) on CUDA")
