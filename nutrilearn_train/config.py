@@ -94,6 +94,9 @@ class TrainingConfig:
     label_smoothing: float = 0.0        # training loss label smoothing in [0, 1) (validation loss stays plain)
     augment: str = 'seed'               # training augmentation recipe; one of `AUGMENTS`
     grad_checkpointing: bool = False    # recompute backbone stage activations in backward: less memory, more time
+    init_from: Optional[str] = None     # fine-tune a saved model: a vN/ folder or models:/name@alias (new classes are appended)
+    rehearsal_dir: Optional[str] = None # old-class images (init_from): its train split is mixed in, its test split measures forgetting
+    rehearsal_fraction: float = 0.0     # share of each epoch's training images drawn from rehearsal_dir, in [0, 1)
 
     def __post_init__(self):
         if not self.tracking_uri: self.tracking_uri = default_tracking_uri()
@@ -167,6 +170,12 @@ def _check_recipe(cfg:TrainingConfig):
     ls = cfg.label_smoothing
     _check(isinstance(ls, (int, float)) and not isinstance(ls, bool) and 0 <= ls < 1, f"label_smoothing must be in [0, 1), got {ls!r}")
     _check(isinstance(cfg.grad_checkpointing, bool), f"grad_checkpointing must be True or False, got {cfg.grad_checkpointing!r}")
+    f = cfg.rehearsal_fraction
+    _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1, f"rehearsal_fraction must be in [0, 1), got {f!r}")
+    _check(not (f > 0 and not cfg.rehearsal_dir), f"rehearsal_fraction={f} needs --rehearsal-dir (a folder of old-class images)")
+    _check(not (cfg.rehearsal_dir and not cfg.init_from), "--rehearsal-dir needs --init-from (the saved model whose classes it rehearses)")
+    _check(not (cfg.init_from and cfg.data_pipeline == 'gpu'), "--init-from fine-tunes on the CPU data pipeline (it relabels and mixes "
+           "images in the DataLoader); use --data-pipeline cpu or auto")
     _check(not (cfg.augment == 'trivialaugment' and cfg.data_pipeline == 'gpu'),
            "augment 'trivialaugment' runs on the CPU data pipeline only (TrivialAugmentWide works on PIL images); "
            "use --data-pipeline cpu or auto, or --augment seed to keep the GPU pipeline")
@@ -209,7 +218,10 @@ FLAG_HELP = dict(
     **AUGMENT_HELP,
     warmup_epochs='cosine only: epochs of linear learning-rate warmup before the decay', label_smoothing='label smoothing of the training loss, in [0, 1)',
     augment='training augmentation: seed (the design\'s crop/flip/jitter) or trivialaugment (adds TrivialAugmentWide; CPU data pipeline)',
-    grad_checkpointing='recompute backbone activations during backward: less memory, more time (off by default)')
+    grad_checkpointing='recompute backbone activations during backward: less memory, more time (off by default)',
+    init_from='fine-tune a saved model (a vN/ folder or models:/NAME@ALIAS): its classes keep their indices, new ones are appended',
+    rehearsal_dir='old-class images for --init-from (ImageFolder or Food-101 layout): its train split is mixed in, its test split measures forgetting',
+    rehearsal_fraction='share of each epoch\'s training images drawn from REHEARSAL_DIR, in [0, 1) (0: only measure forgetting)')
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "Defaults in the help, except on on/off switches (their help says it in words) and where there is none."

@@ -18,7 +18,7 @@ from torchvision import models as tvm
 __all__ = ['BACKBONES', 'Backbone', 'get_backbone', 'backbone_of', 'build_head', 'get_classifier', 'replace_head',
            'WeightsUnavailableError', 'pretrained_state_dict', 'load_backbone_state_dict', 'load_backbone_weights',
            'build_model', 'freeze_layers', 'count_parameters', 'parameter_summary', 'enable_grad_checkpointing',
-           'grad_checkpointed_stages']
+           'grad_checkpointed_stages', 'expand_head']
 
 # %% ../nbs/02_models.ipynb #385c3d44
 def _features_stages(m): return list(m.features)
@@ -238,3 +238,18 @@ def enable_grad_checkpointing(model:nn.Module, # a model of a supported backbone
 def grad_checkpointed_stages(model:nn.Module) -> int:
     "How many stages of `model` run under gradient checkpointing."
     return sum(isinstance(s.__dict__.get('forward'), _CheckpointedForward) for s in BACKBONES[backbone_of(model)].stages(_unwrap(model)))
+
+# %% ../nbs/02_models.ipynb #eb41f8dd
+def expand_head(model:nn.Module, # a model of a supported backbone
+                n_new:int        # outputs to append (>= 0)
+               ) -> nn.Module:
+    "Append `n_new` freshly initialised outputs to `model`'s classifier, keeping the old rows (in place; returns `model`)."
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0: raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+    name, m = backbone_of(model), _unwrap(model)
+    head = getattr(m, BACKBONES[name].head)
+    old = head[-1] if isinstance(head, nn.Sequential) else head
+    new = nn.Linear(old.in_features, old.out_features + n_new).to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad(): new.weight[:old.out_features] = old.weight; new.bias[:old.out_features] = old.bias
+    if isinstance(head, nn.Sequential): head[-1] = new
+    else: setattr(m, BACKBONES[name].head, new)
+    return model

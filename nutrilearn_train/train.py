@@ -32,8 +32,8 @@ __all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 
            'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch', 'validate_epoch',
            'prune_checkpoints', 'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders', 'start_epoch',
            'TrainingDivergedError', 'fit', 'check_writable', 'resolve_resume', 'CheckpointExistsError',
-           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'train', 'sigterm_as_interrupt',
-           'main']
+           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'load_init_model',
+           'prepare_finetune', 'class_group_accuracy', 'forgetting_report', 'train', 'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03_train.ipynb #304a80fa
 class EarlyStopping:
@@ -623,9 +623,11 @@ def default_tracker(cfg:TrainingConfig) -> tracking.MLflowTracker:
     return tracking.MLflowTracker(cfg.tracking_uri, cfg.experiment_name, journal_path=Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME)
 
 # %% ../nbs/03_train.ipynb #f0d9015d
-def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist:DistInfo|None=None) -> nn.Module:
+def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist:DistInfo|None=None,
+                  init_state:dict|None=None) -> nn.Module:  # `--init-from`: the saved model's (expanded) weights
     "The backbone of `cfg` on `device`, converted, compiled and wrapped as `cfg` and `dist` say."
-    model = models.build_model(cfg.model_name, num_classes, cfg.pretrained, cfg.weights_path)
+    model = models.build_model(cfg.model_name, num_classes, cfg.pretrained and init_state is None, None if init_state else cfg.weights_path)
+    if init_state is not None: model.load_state_dict(init_state)
     if cfg.freeze_layers: models.freeze_layers(model, cfg.freeze_layers)
     if cfg.grad_checkpointing: models.enable_grad_checkpointing(model)
     ddp = dist is not None and dist.active
@@ -647,6 +649,83 @@ def _removed_if_failed(*folders):
             with contextlib.suppress(OSError): f.rmdir()
         raise
 
+# %% ../nbs/03_train.ipynb #b16465b6
+def load_init_model(ref:str,           # a version folder (outputs/v3), the output folder, or models:/name@alias (or /version)
+                    tracking_uri:str,   # the registry of a models:/ reference
+                    download_dir:str|Path) -> tuple:  # where a registered version's artifacts are downloaded
+    "`(model, model_config)` of `--init-from`, loaded with `load_saved_model` (weights only)."
+    if str(ref).startswith('models:/'):
+        import mlflow   # only a registry reference needs MLflow
+        try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(download_dir), tracking_uri=tracking_uri)
+        except Exception as e:
+            raise ValueError(f"--init-from {ref}: cannot download it from the registry at {tracking_uri} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the name and alias, or pass a vN/ folder") from None
+        d = resolve_model_dir(Path(local)/'artifacts' if (Path(local)/'artifacts').is_dir() else local)
+    else: d = resolve_model_dir(ref)
+    mc = load_model_config(d)
+    return load_saved_model(d/mc['weights_file'], mc), mc
+
+# %% ../nbs/03_train.ipynb #1cf2a642
+def prepare_finetune(cfg:TrainingConfig, train_dl, val_dl, c2i:dict, device, dist:DistInfo|None=None) -> dict:
+    "For `--init-from`: merged classes, relabelled (and rehearsal-mixed) training loader, expanded weights, old-class test loader."
+    init, mc = load_init_model(cfg.init_from, cfg.tracking_uri, Path(cfg.checkpoint_dir)/'init_from')
+    old = {c: i for i, c in enumerate(mc['class_names'])}
+    merged = data.merge_class_to_idx(old, c2i)
+    n_new = len(merged) - len(old)
+    if n_new == 0 and len(c2i) < len(old): print(f"note: the data has {len(c2i)} of the model's {len(old)} classes and no new ones")
+    sd = models.expand_head(copy.deepcopy(init), n_new).state_dict()
+    old_dl = None
+    if cfg.rehearsal_dir:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # no test split: its validation part, said in the report
+            old_dl = data.get_test_loader(cfg.rehearsal_dir, cfg.batch_size, cfg.num_workers, class_to_idx=old,
+                                          max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
+    shard = (dist.rank, dist.world_size) if dist is not None and dist.active else None
+    for dl in (train_dl, val_dl): data.relabel_dataset(dl.dataset, merged)   # the new data's labels in the merged index space
+    if cfg.rehearsal_fraction > 0:
+        train_dl = data.with_rehearsal(train_dl, cfg.rehearsal_dir, merged, cfg.rehearsal_fraction, seed=cfg.seed, max_per_class=cfg.max_per_class,
+                                       augment=data.AugmentSpec.from_config(cfg), num_workers=cfg.num_workers, shard=shard)
+    return dict(train_dl=train_dl, class_to_idx=merged, state=sd, model_name=mc['model_name'], old=old, n_new=n_new,
+                old_dl=old_dl, init=init)
+
+# %% ../nbs/03_train.ipynb #e94a65e4
+def class_group_accuracy(logits:torch.Tensor, targets:torch.Tensor, classes:set) -> float|None:
+    "Top-1 accuracy over the samples whose target is in `classes` (None if there are none)."
+    keep = torch.tensor([int(t) in classes for t in targets], dtype=torch.bool)
+    return float((logits[keep].argmax(1) == targets[keep]).float().mean()) if keep.any() else None
+
+def forgetting_report(model, init, ft:dict, new_test_dl, device) -> dict:
+    "Old-class top-1 before (the saved model) and after (`model`), forgetting in points, and new-class top-1."
+    old_idx, out = set(ft['old'].values()), {}
+    if ft['old_dl'] is not None:
+        lb, tb, _ = metrics.collect_predictions(init, ft['old_dl'], device)
+        la, ta, _ = metrics.collect_predictions(model, ft['old_dl'], device)
+        out.update(old_class_acc_before=class_group_accuracy(lb, tb, old_idx), old_class_acc_after=class_group_accuracy(la, ta, old_idx))
+        out['forgetting_points'] = 100 * (out['old_class_acc_before'] - out['old_class_acc_after'])
+    if new_test_dl is not None:
+        ln, tn, _ = metrics.collect_predictions(model, new_test_dl, device)
+        out['new_class_acc'] = class_group_accuracy(ln, tn, set(range(len(ft['old']), len(ft['old']) + ft['n_new'])))
+    return {k: v for k, v in out.items() if v is not None}
+
+# %% ../nbs/03_train.ipynb #526c4e1f
+def _report_finetune(model, cfg:TrainingConfig, ft:dict, c2i:dict, res:dict, tracker, vdir:Path, device):
+    "Measure, print, log and save the old/new-class accuracies of a fine-tuned run."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            new_dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx=c2i, max_per_class=cfg.max_per_class,
+                                          seed=cfg.seed, train_split=cfg.train_split) if ft['n_new'] else None
+        r = forgetting_report(_underlying(model).eval(), ft['init'], ft, new_dl, device)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        warnings.warn(f"old/new-class evaluation skipped: {' '.join(str(e).split())[:300]}"); return {}
+    if 'old_class_acc_before' in r:
+        print(f"old classes: top-1 {r['old_class_acc_before']:.2%} before, {r['old_class_acc_after']:.2%} after "
+              f"(forgetting {r['forgetting_points']:.1f} points)", flush=True)
+    if 'new_class_acc' in r: print(f"new classes ({ft['n_new']}): top-1 {r['new_class_acc']:.2%}", flush=True)
+    tracker.log_metrics(r, step=max([h['epoch'] for h in res['history']], default=0))
+    _update_model_config(vdir, init_from=cfg.init_from, **r)
+    return r
+
 # %% ../nbs/03_train.ipynb #1d49b5bd
 def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
           tracker=None,             # a `tracking.Tracker`; default `MLflowTracker(cfg.tracking_uri, …)`
@@ -661,9 +740,13 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
         check_writable(cfg.checkpoint_dir, 'checkpoint folder'); check_writable(cfg.output_dir, 'output folder')
         dist = dist_from_env(); device = setup_distributed(dist, cfg.device); set_seed(cfg.seed)
         train_dl, val_dl, c2i = make_loaders(cfg, device, dist)
+        ft = prepare_finetune(cfg, train_dl, val_dl, c2i, device, dist) if cfg.init_from else None   # merged classes, expanded head
+        if ft:
+            if ft['model_name'] != cfg.model_name: print(f"note: --init-from is a {ft['model_name']}; fine-tuning that backbone")
+            train_dl, c2i, cfg = ft['train_dl'], ft['class_to_idx'], dataclasses.replace(cfg, model_name=ft['model_name'])
         cfg = dataclasses.replace(cfg, num_classes=len(c2i))   # the data decides
         if ck: _check_resume(ck, cfg, c2i, ck_path)
-        model = prepare_model(cfg, len(c2i), device, dist)
+        model = prepare_model(cfg, len(c2i), device, dist, ft and ft['state'])
         tracker = (tracker or default_tracker(cfg)) if dist.is_main else tracking.NullTracker()  # one MLflow run per job
     if cfg.mixed_precision and device.type != 'cuda' and dist.is_main: print(f"note: mixed precision is a no-op on {device.type}; training in float32")
     tracker = tracking.GuardedTracker(tracker, Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME, cfg.tracking_uri)  # never fatal
@@ -676,6 +759,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
         res = fit(model, train_dl, val_dl, cfg, device=device, tracker=tracker, resume=ck, progress=progress, dist=dist,
                   extra_state=dict(class_to_idx=c2i, data_seed=cfg.seed))  # data order = f(data_seed, epoch)
         vdir = _finish(model, cfg, c2i, res, tracker, device) if dist.is_main else None
+        if ft and vdir: _report_finetune(model, cfg, ft, c2i, res, tracker, vdir, device)
         if dist.active: tdist.barrier()        # the other ranks wait while rank 0 logs and registers the model
     except KeyboardInterrupt: tracker.end('KILLED'); raise
     except BaseException: tracker.end('FAILED'); raise
