@@ -113,7 +113,7 @@ def history_points(trials:list) -> dict:
     return dict(numbers=[t.number for t in done], values=vals, pruned=[t.state.name == 'PRUNED' for t in done], best=out)
 
 def parallel_data(trials:list) -> tuple:
-    "`(param names, rows of values in [0, 1], objective values)` of the complete trials; categories map to their rank."
+    "`(param names, rows of values in [0, 1], objective values)` of the complete trials: numbers scaled linearly (rates on a log scale), categories by rank."
     done = [t for t in trials if t.state.name == 'COMPLETE']
     names = sorted({k for t in done for k in t.params})
     rows = []
@@ -121,8 +121,9 @@ def parallel_data(trials:list) -> tuple:
         vs = [t.params.get(n) for t in done]
         num = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs if v is not None)
         keys = sorted({v for v in vs if v is not None}, key=(float if num else str))
-        pos = {v: (i / (len(keys) - 1) if len(keys) > 1 else 0.5) for i, v in enumerate(keys)}
-        if num and 'learning_rate' in n or n == 'weight_decay': pos = {v: (math.log(v) - math.log(keys[0])) / ((math.log(keys[-1]) - math.log(keys[0])) or 1) for v in keys}
+        f = (math.log if n in ('learning_rate', 'weight_decay') else float) if num else None   # numbers: linear (rates: log); categories: rank
+        pos = ({v: (f(v) - f(keys[0])) / ((f(keys[-1]) - f(keys[0])) or 1) for v in keys} if f else
+               {v: (i / (len(keys) - 1) if len(keys) > 1 else 0.5) for i, v in enumerate(keys)})
         rows.append([pos.get(v, math.nan) for v in vs])
     return names, [list(r) for r in zip(*rows)] if rows else [], [t.value for t in done]
 
@@ -142,7 +143,8 @@ def plot_study(trials:list, folder:str|Path) -> list:
     fig.tight_layout(); fig.savefig(folder/'optimization_history.png', dpi=100); plt.close(fig)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
     cmap, lo, hi = plt.get_cmap('viridis_r'), min(vals, default=0), max(vals, default=1)
-    for r, v in zip(rows, vals): ax.plot(range(len(names)), r, color=cmap((v - lo) / ((hi - lo) or 1)), alpha=0.8)
+    for r, v in zip(rows, vals): ax.plot(range(len(names)), r, color=cmap((v - lo) / ((hi - lo) or 1)), alpha=0.8, marker='o')
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi)); fig.colorbar(sm, ax=ax, label='validation loss')
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right'); ax.set(ylabel='normalised value', title='Parallel coordinates (colour: validation loss)')
     fig.tight_layout(); fig.savefig(folder/'parallel_coordinates.png', dpi=100); plt.close(fig)
     return [folder/'optimization_history.png', folder/'parallel_coordinates.png']
