@@ -609,8 +609,8 @@ def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
     if changed:
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
                          + f"; resume with the same value{'s' if len(changed) > 1 else ''} (they decide the train/validation split)")
-    recipe = [k for k in ('warmup_epochs', 'label_smoothing', 'augment') if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
-    if recipe:   # a different schedule, loss or augmentation would not continue the same run
+    recipe = [k for k in ('warmup_epochs', 'label_smoothing', 'augment', 'init_from', 'rehearsal_dir', 'rehearsal_fraction') if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
+    if recipe:   # a different schedule, loss, augmentation or fine-tuning data would not continue the same run
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved.get(k, getattr(TrainingConfig, k))}" for k in recipe)
                          + "; resume with the same recipe (or start a fresh run)")
 
