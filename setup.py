@@ -20,7 +20,8 @@ assert min_python in py_versions, f"min_python {min_python} must be one of {py_v
 # Requirements are split on whitespace: write `torch>=2.2`, never `torch >= 2.2`.
 requirements = cfg.get('requirements', '').split()
 export_requirements = cfg.get('export_requirements', '').split()
-dev_requirements = cfg.get('dev_requirements', '').split() + export_requirements  # tests exercise the exports
+tune_requirements = cfg.get('tune_requirements', '').split()
+dev_requirements = cfg.get('dev_requirements', '').split() + export_requirements + tune_requirements  # tests exercise both
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 
 setuptools.setup(
@@ -35,7 +36,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'export': export_requirements, 'dev': dev_requirements},
+    extras_require={'export': export_requirements, 'tune': tune_requirements, 'dev': dev_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #6cc62b50
 from __future__ import annotations
-import argparse, os, random, warnings
+import argparse, json, os, random, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'AUGMENT_HELP', 'FLAG_HELP',
-           'default_tracking_uri', 'TrainingConfig', 'validate_config', 'config_to_dict', 'config_from_dict',
-           'HelpFormatter', 'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker',
-           'make_generator']
+__all__ = ['MODEL_NAMES', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'AUGMENTS', 'AUGMENT_HELP',
+           'FLAG_HELP', 'default_tracking_uri', 'TrainingConfig', 'validate_config', 'config_to_dict',
+           'config_from_dict', 'HelpFormatter', 'load_config_file', 'parse_arguments', 'config_from_args', 'get_device',
+           'set_seed', 'seed_worker', 'make_generator']
 
 # %% ../nbs/00_config.ipynb #75589e77
 MODEL_NAMES = ('mobilenet_v2', 'efficientnet_b0', 'resnet50')
@@ -25,6 +25,7 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULERS = ('reduce_on_plateau', 'plateau', 'cosine', 'none')  # plateau: an alias of the design's reduce_on_plateau
 DATA_PIPELINES = ('auto', 'cpu', 'gpu')  # auto: gpu when CUDA is available
 PROMOTE_MODES = ('auto', 'always', 'never')  # auto: gated on test top-1 over the same data (see tracking)
+AUGMENTS = ('seed', 'trivialaugment')  # seed: the design's crop/flip/jitter; trivialaugment adds TrivialAugmentWide (CPU pipeline)
 
 # %% ../nbs/00_config.ipynb #5dcf2c44
 def default_tracking_uri(base:str|Path|None=None # folder holding `mlflow.db` (default: the working directory)
@@ -89,6 +90,13 @@ class TrainingConfig:
     jitter_saturation: float = 0.2
     compile: bool = False               # torch.compile the model (checkpoints stay loadable without it)
     sync_bn: bool = False               # SyncBatchNorm under torchrun (DistributedDataParallel)
+    warmup_epochs: int = 0              # cosine: epochs of linear warmup before the decay (0: none)
+    label_smoothing: float = 0.0        # training loss label smoothing in [0, 1) (validation loss stays plain)
+    augment: str = 'seed'               # training augmentation recipe; one of `AUGMENTS`
+    grad_checkpointing: bool = False    # recompute backbone stage activations in backward: less memory, more time
+    init_from: Optional[str] = None     # fine-tune a saved model: a vN/ folder or models:/name@alias (new classes are appended)
+    rehearsal_dir: Optional[str] = None # old-class images (init_from): its train split is mixed in, its test split measures forgetting
+    rehearsal_fraction: float = 0.0     # share of each epoch's training images drawn from rehearsal_dir, in [0, 1)
 
     def __post_init__(self):
         if not self.tracking_uri: self.tracking_uri = default_tracking_uri()
@@ -129,6 +137,7 @@ def validate_config(cfg:TrainingConfig):
     _check(cfg.tracking_uri.split(':', 1)[0] != 'file' and '://' in cfg.tracking_uri,
            f"tracking_uri {cfg.tracking_uri!r} is not usable: MLflow 3.13+ refuses file: stores; "
            "use an absolute sqlite:////path/mlflow.db or an http(s):// server")
+    _check_recipe(cfg)
 
 # %% ../nbs/00_config.ipynb #20c51bf1
 AUGMENT_HELP = dict(
@@ -149,6 +158,27 @@ def _check_augment(cfg:TrainingConfig):
     _check(0 <= cfg.flip_prob <= 1, f"flip_prob must be in [0, 1], got {cfg.flip_prob!r}")
     for n in ('jitter_brightness', 'jitter_contrast', 'jitter_saturation'):
         _check(0 <= getattr(cfg, n) <= 1, f"{n} must be in [0, 1] (0 turns it off), got {getattr(cfg, n)!r}")
+
+# %% ../nbs/00_config.ipynb #5fdabf04
+def _check_recipe(cfg:TrainingConfig):
+    "Raise `ValueError` unless warmup, label smoothing and the augmentation recipe are usable together."
+    _one_of('augment', cfg.augment, AUGMENTS)
+    w = cfg.warmup_epochs
+    _check(isinstance(w, int) and not isinstance(w, bool) and w >= 0, f"warmup_epochs must be an integer >= 0, got {w!r}")
+    _check(w == 0 or cfg.scheduler == 'cosine', f"warmup_epochs={w} needs --scheduler cosine (got {cfg.scheduler!r}); or pass --warmup-epochs 0")
+    _check(w < cfg.epochs, f"warmup_epochs must be below epochs (at least one epoch of decay), got warmup_epochs={w}, epochs={cfg.epochs}")
+    ls = cfg.label_smoothing
+    _check(isinstance(ls, (int, float)) and not isinstance(ls, bool) and 0 <= ls < 1, f"label_smoothing must be in [0, 1), got {ls!r}")
+    _check(isinstance(cfg.grad_checkpointing, bool), f"grad_checkpointing must be True or False, got {cfg.grad_checkpointing!r}")
+    f = cfg.rehearsal_fraction
+    _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1, f"rehearsal_fraction must be in [0, 1), got {f!r}")
+    _check(not (f > 0 and not cfg.rehearsal_dir), f"rehearsal_fraction={f} needs --rehearsal-dir (a folder of old-class images)")
+    _check(not (cfg.rehearsal_dir and not cfg.init_from), "--rehearsal-dir needs --init-from (the saved model whose classes it rehearses)")
+    _check(not (cfg.init_from and cfg.data_pipeline == 'gpu'), "--init-from fine-tunes on the CPU data pipeline (it relabels and mixes "
+           "images in the DataLoader); use --data-pipeline cpu or auto")
+    _check(not (cfg.augment == 'trivialaugment' and cfg.data_pipeline == 'gpu'),
+           "augment 'trivialaugment' runs on the CPU data pipeline only (TrivialAugmentWide works on PIL images); "
+           "use --data-pipeline cpu or auto, or --augment seed to keep the GPU pipeline")
 
 # %% ../nbs/00_config.ipynb #c07bb809
 def config_to_dict(cfg:TrainingConfig) -> dict:
@@ -185,7 +215,13 @@ FLAG_HELP = dict(
     keep_checkpoints='newest epoch checkpoints kept besides last.pth and best.pth',
     data_pipeline='decode and augment JPEGs on the cpu (workers) or the gpu (nvjpeg); auto = gpu when CUDA is available',
     compile='torch.compile the model (off by default; slower first epoch)', sync_bn='SyncBatchNorm across processes under torchrun (off by default)',
-    **AUGMENT_HELP)
+    **AUGMENT_HELP,
+    warmup_epochs='cosine only: epochs of linear learning-rate warmup before the decay', label_smoothing='label smoothing of the training loss, in [0, 1)',
+    augment='training augmentation: seed (the design\'s crop/flip/jitter) or trivialaugment (adds TrivialAugmentWide; CPU data pipeline)',
+    grad_checkpointing='recompute backbone activations during backward: less memory, more time (off by default)',
+    init_from='fine-tune a saved model (a vN/ folder or models:/NAME@ALIAS): its classes keep their indices, new ones are appended',
+    rehearsal_dir='old-class images for --init-from (ImageFolder or Food-101 layout): its train split is mixed in, its test split measures forgetting',
+    rehearsal_fraction='share of each epoch\'s training images drawn from REHEARSAL_DIR, in [0, 1) (0: only measure forgetting)')
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "Defaults in the help, except on on/off switches (their help says it in words) and where there is none."
@@ -193,6 +229,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.required or action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+# %% ../nbs/00_config.ipynb #057da92f
+def load_config_file(path:str|Path # a JSON object of `TrainingConfig` fields
+                    ) -> dict:
+    "The config fields in the JSON file `path` (validated by name; values are validated by `TrainingConfig`)."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"--config {path}: no such file; pass a JSON file of config fields such as the best_config.json nutrilearn-tune writes")
+    try: d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"--config {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict): raise ValueError(f"--config {path} must hold a JSON object of config fields, got a {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(TrainingConfig)})
+    if unknown: raise ValueError(f"--config {path}: unknown fields {', '.join(unknown)}; the fields are TrainingConfig's (see nutrilearn-train --help, with _ for -)")
+    return d
 
 # %% ../nbs/00_config.ipynb #703642b4
 def _flag(name): return '--' + name.replace('_', '-')
@@ -204,9 +253,9 @@ def parse_arguments(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     p = argparse.ArgumentParser(prog='nutrilearn-train', description='Train a Food-101 classifier with MLflow tracking.',
                                 formatter_class=HelpFormatter)
     h = lambda name: FLAG_HELP.get(name, name.replace('_', ' '))
-    choices = dict(model_name=MODEL_NAMES, device=DEVICES, optimizer=OPTIMIZERS, scheduler=SCHEDULERS, data_pipeline=DATA_PIPELINES, promote=PROMOTE_MODES)
+    choices = dict(model_name=MODEL_NAMES, device=DEVICES, optimizer=OPTIMIZERS, scheduler=SCHEDULERS, data_pipeline=DATA_PIPELINES, promote=PROMOTE_MODES, augment=AUGMENTS)
     for name, allowed in choices.items(): p.add_argument(_flag(name), choices=allowed, default=d[name].default, help=h(name))
-    flags = ('pretrained', 'mixed_precision', 'compile', 'sync_bn', 'download')
+    flags = ('pretrained', 'mixed_precision', 'compile', 'sync_bn', 'download', 'grad_checkpointing')
     for f in fields(TrainingConfig):
         if f.name in tuple(choices) + flags: continue
         typ = {'Optional[str]': str, 'Optional[int]': int}.get(f.type, {'int': int, 'float': float, 'str': str}.get(f.type, str))
@@ -214,6 +263,11 @@ def parse_arguments(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help=h('pretrained'))
     for name in flags[1:]: p.add_argument(_flag(name), action='store_true', help=h(name))
     p.add_argument('--resume', default=None, help="continue a run: a checkpoint path, or 'last' for CHECKPOINT_DIR/last.pth")
+    p.add_argument('--config', default=None, metavar='FILE', help='JSON file of config fields (e.g. the best_config.json of nutrilearn-tune); flags on the command line override it')
+    known, _ = p.parse_known_args(argv)
+    if known.config:   # the file's values become the defaults, so explicit flags still win
+        try: p.set_defaults(**load_config_file(known.config))
+        except (ValueError, FileNotFoundError) as e: p.error(str(e))
     return p.parse_args(argv)
 
 # %% ../nbs/00_config.ipynb #cb69e1e8

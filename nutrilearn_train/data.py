@@ -26,7 +26,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SIZE', 'RESIZE_SIZE', 'MAX_IM
            'make_class_to_idx', 'food101_samples', 'folder_samples', 'find_dataset', 'cap_per_class',
            'stratified_split', 'missing_data_message', 'download_food101', 'sample_seed', 'ImageDataset',
            'SkipBadCollate', 'SeededRandomSampler', 'set_loader_epoch', 'ShardSampler', 'make_sampler',
-           'ragged_last_batch', 'make_loader', 'get_data_loaders', 'get_test_loader']
+           'ragged_last_batch', 'make_loader', 'get_data_loaders', 'get_test_loader', 'merge_class_to_idx',
+           'relabel_dataset', 'rehearsal_count', 'RehearsalDataset', 'with_rehearsal']
 
 # %% ../nbs/01_data.ipynb #b55c67b8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,20 +41,21 @@ class AugmentSpec(NamedTuple):
     ratio: tuple = (3 / 4, 4 / 3)    # RandomResizedCrop aspect (width / height) range
     flip_p: float = 0.5              # horizontal flip probability
     jitter: tuple = (0.2, 0.2, 0.2)  # colour jitter strength: brightness, contrast, saturation
+    trivial: bool = False            # add TrivialAugmentWide after the flip (CPU pipeline only: `--augment trivialaugment`)
     @classmethod
     def from_config(cls, cfg) -> 'AugmentSpec':
         "The spec a `TrainingConfig` describes (its `crop_*`, `flip_prob` and `jitter_*` fields)."
         return cls((cfg.crop_scale_min, cfg.crop_scale_max), (cfg.crop_ratio_min, cfg.crop_ratio_max), cfg.flip_prob,
-                   (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation))
+                   (cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation), getattr(cfg, 'augment', 'seed') == 'trivialaugment')
 
 # %% ../nbs/01_data.ipynb #3ee33cc5
 def build_train_transform(size:int=IMAGE_SIZE,                # output side in pixels
                           augment:Optional[AugmentSpec]=None  # default: `AugmentSpec()`
                          ) -> T.Compose:
-    "Training augmentation: random resized crop, flip, colour jitter (as `augment` says), then ImageNet normalisation."
+    "Training augmentation: random resized crop, flip, (TrivialAugmentWide,) colour jitter as `augment` says, then ImageNet normalisation."
     a = augment or AugmentSpec()
     return T.Compose([T.RandomResizedCrop(size, scale=tuple(a.scale), ratio=tuple(a.ratio)), T.RandomHorizontalFlip(a.flip_p),
-                      T.ColorJitter(*a.jitter), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      *([T.TrivialAugmentWide()] if a.trivial else []), T.ColorJitter(*a.jitter), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 def build_val_transform(size:int=IMAGE_SIZE,  # output side in pixels
                         resize:int=RESIZE_SIZE # short side before the centre crop
@@ -473,3 +475,60 @@ def get_test_loader(data_dir:Union[str, Path], batch_size:int, num_workers:int=4
     classes = sorted(class_to_idx, key=class_to_idx.get)
     return make_loader(ImageDataset(samples, classes, tfm, max_pixels), batch_size, False, num_workers,
                        seed=seed, pin_memory=pin_memory, image_size=image_size)
+
+# %% ../nbs/01_data.ipynb #43ffd532
+def merge_class_to_idx(old:dict,               # the saved model's class -> index (0..n-1)
+                       classes:Sequence[str]   # class names of the new data
+                      ) -> dict:
+    "`old` unchanged (never reordered), then the names in `classes` it lacks appended in sorted order."
+    if sorted(old.values()) != list(range(len(old))): raise ValueError(f"class_to_idx indices must be 0..{len(old) - 1}, got {sorted(old.values())}")
+    merged = dict(sorted(old.items(), key=lambda kv: kv[1]))
+    for c in sorted(set(classes) - set(old)): merged[c] = len(merged)
+    return merged
+
+def relabel_dataset(ds:ImageDataset, class_to_idx:dict) -> ImageDataset:
+    "Move `ds`'s labels into `class_to_idx`'s index space (in place; returns `ds`)."
+    missing = sorted(set(ds.classes) - set(class_to_idx))
+    if missing: raise ValueError(f"classes {missing} of the dataset are not in class_to_idx; merge them first (merge_class_to_idx)")
+    ds.samples = [(p, class_to_idx[ds.classes[y]]) for p, y in ds.samples]
+    ds.targets, ds.classes, ds.class_to_idx = [y for _, y in ds.samples], sorted(class_to_idx, key=class_to_idx.get), dict(class_to_idx)
+    return ds
+
+# %% ../nbs/01_data.ipynb #bc6182af
+def rehearsal_count(n_new:int, fraction:float) -> int:
+    "How many rehearsal images make up `fraction` of an epoch with `n_new` new images."
+    if not 0 <= fraction < 1: raise ValueError(f"rehearsal_fraction must be in [0, 1), got {fraction!r}")
+    return round(n_new * fraction / (1 - fraction))
+
+class RehearsalDataset(Dataset):
+    "The images of `ds`, then `n_rehearse` images of `rehearsal` drawn afresh each epoch from `(seed, epoch)`."
+    def __init__(self, ds:ImageDataset, rehearsal:ImageDataset, n_rehearse:int, seed:int=42):
+        if len(rehearsal) == 0: raise ValueError("the rehearsal dataset is empty; check --rehearsal-dir")
+        self.ds, self.rehearsal, self.n_rehearse, self.seed, self._drawn = ds, rehearsal, n_rehearse, seed, (None, None)
+        self.classes, self.class_to_idx = ds.classes, ds.class_to_idx
+    def set_epoch(self, epoch:int): self.ds.set_epoch(epoch); self.rehearsal.set_epoch(epoch)
+    def __len__(self): return len(self.ds) + self.n_rehearse
+    def drawn(self) -> np.ndarray:
+        "Indices into `rehearsal` used this epoch (with replacement only if it holds fewer than `n_rehearse`)."
+        e = int(self.ds.epoch_counter)
+        if self._drawn[0] != e:
+            r = np.random.default_rng([self.seed, e, 17])
+            self._drawn = (e, r.choice(len(self.rehearsal), self.n_rehearse, replace=self.n_rehearse > len(self.rehearsal)))
+        return self._drawn[1]
+    def __getitem__(self, i): return self.ds[i] if i < len(self.ds) else self.rehearsal[int(self.drawn()[i - len(self.ds)])]
+
+# %% ../nbs/01_data.ipynb #e39b299c
+def with_rehearsal(train_loader:DataLoader, # the new data's training loader (labels in `class_to_idx`'s space)
+                   rehearsal_dir:Union[str, Path], # old-class images (Food-101 or ImageFolder layout); its train split is used
+                   class_to_idx:dict,      # merged mapping; the rehearsal classes must be in it
+                   fraction:float, *, seed:int=42, max_per_class:Optional[int]=None, image_size:int=IMAGE_SIZE,
+                   augment:Optional[AugmentSpec]=None, num_workers:int=0, shard:Optional[tuple]=None) -> DataLoader:
+    "A training loader over `train_loader`'s images plus a share `fraction` of rehearsal images per epoch."
+    found = find_dataset(rehearsal_dir)
+    if found is None: raise FileNotFoundError(f"--rehearsal-dir: {missing_data_message(rehearsal_dir)}")
+    try: samples = _drop_bad(_capped(_labelled(found['train'], class_to_idx), max_per_class, seed), 'header', MAX_IMAGE_PIXELS)
+    except ValueError as e: raise ValueError(f"--rehearsal-dir {rehearsal_dir} must hold classes of the --init-from model: {e}") from None
+    classes = sorted(class_to_idx, key=class_to_idx.get)
+    reh = ImageDataset(samples, classes, build_train_transform(image_size, augment), seed=seed + 1)
+    ds = RehearsalDataset(train_loader.dataset, reh, rehearsal_count(len(train_loader.dataset), fraction), seed)
+    return make_loader(ds, train_loader.batch_size, True, num_workers, seed=seed, image_size=image_size, shard=shard)

@@ -26,7 +26,8 @@ __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'class_probabilities', 'topk_predic
            'load_exported', 'ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8',
            'Predictor', 'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route',
            'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files',
-           'save_explanation', 'save_explanations', 'predict_main', 'default_export_path', 'export_main']
+           'save_explanation', 'save_explanations', 'predict_main', 'default_export_path', 'export_main', 'prune_model',
+           'make_pruning_permanent', 'weight_sparsity', 'compressed_size', 'prune_for_export', 'pruning_table']
 
 # %% ../nbs/05_inference.ipynb #1abe144a
 def class_probabilities(logits:torch.Tensor # (n_classes,) or (B, n_classes) raw model outputs
@@ -583,6 +584,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default=None, help='output file (default: next to the weights in the model dir)')
     p.add_argument('--calibration-dir', default=None, help="int8: dataset whose training photos calibrate (default: the model's data_dir)")
     p.add_argument('--calibration-images', type=int, default=64, help='int8: how many calibration photos')
+    p.add_argument('--prune', type=float, default=None, metavar='AMOUNT', help='first prune this share of conv/linear weights (global L1 magnitude), e.g. 0.5')
+    p.add_argument('--prune-epochs', type=int, default=0, help='--prune: fine-tune this many epochs on the training photos, masks held')
+    p.add_argument('--prune-data-dir', default=None, help="--prune: photos for fine-tuning and the test top-1 (default: the model's data_dir)")
     return p
 
 # %% ../nbs/05_inference.ipynb #afeb475d
@@ -600,8 +604,94 @@ def export_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
         if a.format in ('onnx', 'int8'): require_export_extra(a.format)
         model, mc = load_model_for_inference(a.model_dir, None, 'cpu')
         out = Path(a.output) if a.output else default_export_path(a.model_dir, mc, a.format)
+        if a.prune is not None:
+            model, rep = prune_for_export(model, mc, a.prune, a.prune_epochs, a.prune_data_dir); print(pruning_table(rep))
+            if not a.output: out = out.with_name(out.name.replace('.', f'.pruned{round(100 * a.prune)}.', 1))
         r = _int8(model, mc, out, a) if a.format == 'int8' else {'torchscript': export_torchscript, 'onnx': export_onnx}[a.format](model, mc, out)
     except (FileNotFoundError, ValueError, RuntimeError) as e: return _fail('nutrilearn-export', e)
     print(f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {r.format}); max |Δ logits| vs PyTorch = {r.max_abs_diff:.2e}")
     if r.format == 'int8': print(f"int8: {r.size_bytes / r.baseline_size_bytes:.0%} of the fp32 ONNX size; top-1 unchanged on {r.top1_agreement:.1%} of the check photos (the test split when there is one)")
     return 0
+
+# %% ../nbs/05_inference.ipynb #7c2bd9c3
+def _prunable(model:nn.Module) -> list:
+    return [(m, 'weight') for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+def prune_model(model:nn.Module, # pruned in place
+                amount:float     # share of all conv/linear weights set to zero, in (0, 1)
+               ) -> nn.Module:
+    "Global L1 magnitude pruning of conv and linear weights; the masks stay (call `make_pruning_permanent`)."
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
+        raise ValueError(f"prune amount must be a fraction in (0, 1), e.g. 0.5 for half the weights; got {amount!r}")
+    from torch.nn.utils import prune
+    prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured, amount=float(amount))
+    return model
+
+def make_pruning_permanent(model:nn.Module) -> nn.Module:
+    "Fold the pruning masks into plain weights (in place; returns `model`)."
+    from torch.nn.utils import prune
+    for m, n in _prunable(model):
+        if prune.is_pruned(m) and hasattr(m, n + '_orig'): prune.remove(m, n)
+    return model
+
+# %% ../nbs/05_inference.ipynb #c8715d75
+def weight_sparsity(model:nn.Module) -> float:
+    "Share of conv and linear weights that are exactly zero."
+    ws = [getattr(m, n) for m, n in _prunable(model)]
+    return sum(int((w == 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
+
+def compressed_size(model:nn.Module) -> int:
+    "Bytes of the gzip-compressed state_dict (what pruning saves on disk or over the wire)."
+    import gzip
+    buf = io.BytesIO(); torch.save(model.state_dict(), buf)
+    return len(gzip.compress(buf.getvalue(), compresslevel=6))
+
+# %% ../nbs/05_inference.ipynb #6a770969
+def _test_top1(model, mc:dict, data_dir, batch_size:int=32) -> float|None:
+    from nutrilearn_train.data import get_test_loader
+    from nutrilearn_train.metrics import collect_predictions
+    tc = mc.get('training_config') or {}
+    c2i = {c: i for i, c in enumerate(mc['class_names'])}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        dl = get_test_loader(data_dir, batch_size, 0, class_to_idx=c2i, max_per_class=tc.get('max_per_class'), seed=tc.get('seed', 42),
+                             train_split=tc.get('train_split', 0.8), image_size=input_side(mc))
+    logits, targets, _ = collect_predictions(model, dl, 'cpu')
+    return float((logits.argmax(1) == targets).float().mean())
+
+def _finetune_pruned(model, mc:dict, data_dir, epochs:int, batch_size:int=16):
+    from nutrilearn_train.data import get_data_loaders, relabel_dataset
+    from nutrilearn_train.train import build_optimizer, train_epoch
+    tc = mc.get('training_config') or {}
+    tr, _, c2i = get_data_loaders(data_dir, batch_size, 0, train_split=tc.get('train_split', 0.8), seed=tc.get('seed', 42),
+                                  max_per_class=tc.get('max_per_class'), image_size=input_side(mc))
+    relabel_dataset(tr.dataset, {c: i for i, c in enumerate(mc['class_names'])})   # the model's index space
+    opt = build_optimizer(model, tc.get('optimizer', 'adam'), tc.get('learning_rate', 1e-3) / 10, tc.get('weight_decay', 1e-4))
+    for e in range(1, epochs + 1): tr.sampler.set_epoch(e); train_epoch(model, tr, nn.CrossEntropyLoss(), opt, 'cpu', e, progress=False)
+    return model.eval()
+
+# %% ../nbs/05_inference.ipynb #ab987632
+def prune_for_export(model:nn.Module, mc:dict, amount:float,
+                     epochs:int=0,           # fine-tuning epochs with the mask held
+                     data_dir:str|Path|None=None # default: the run's data_dir
+                    ) -> tuple[nn.Module, dict]:
+    "`(pruned model, report)`: sparsity, gzip size and test top-1 before and after pruning `amount` (global L1)."
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0: raise ValueError(f"prune epochs must be an integer >= 0, got {epochs!r}")
+    data_dir = data_dir or (mc.get('training_config') or {}).get('data_dir')
+    if data_dir and find_dataset(data_dir) is None: data_dir = None
+    if epochs and not data_dir: raise ValueError("--prune-epochs needs the training photos: pass --prune-data-dir DIR (the model's data_dir was not found)")
+    m = _cpu_eval_copy(model)
+    before = dict(sparsity=weight_sparsity(m), gzip_bytes=compressed_size(m), top1=_test_top1(m, mc, data_dir) if data_dir else None)
+    prune_model(m, amount)
+    if epochs: _finetune_pruned(m, mc, data_dir, epochs)
+    m = make_pruning_permanent(m).eval()
+    after = dict(sparsity=weight_sparsity(m), gzip_bytes=compressed_size(m), top1=_test_top1(m, mc, data_dir) if data_dir else None)
+    return m, dict(amount=amount, epochs=epochs, data_dir=str(data_dir) if data_dir else None, before=before, after=after)
+
+def pruning_table(r:dict) -> str:
+    "The report of `prune_for_export` as a small table."
+    top1 = lambda x: 'n/a' if x is None else f"{x:.1%}"
+    rows = [f"pruning: {r['amount']:.0%} of conv/linear weights (global L1)" + (f", fine-tuned {r['epochs']} epoch(s)" if r['epochs'] else ''),
+            f"{'':8}{'sparsity':>10}{'gzip size':>12}{'test top-1':>12}"]
+    for k in ('before', 'after'): rows.append(f"{k:8}{r[k]['sparsity']:>10.1%}{r[k]['gzip_bytes'] / 1e6:>9.2f} MB{top1(r[k]['top1']):>12}")
+    return '\n'.join(rows)

@@ -4,19 +4,21 @@
 
 # %% ../nbs/02_models.ipynb #34e4fd59
 from __future__ import annotations
-import os, pickle, warnings
+import contextlib, os, pickle, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision import models as tvm
 
 # %% auto #0
 __all__ = ['BACKBONES', 'Backbone', 'get_backbone', 'backbone_of', 'build_head', 'get_classifier', 'replace_head',
            'WeightsUnavailableError', 'pretrained_state_dict', 'load_backbone_state_dict', 'load_backbone_weights',
-           'build_model', 'freeze_layers', 'count_parameters', 'parameter_summary']
+           'build_model', 'freeze_layers', 'count_parameters', 'parameter_summary', 'enable_grad_checkpointing',
+           'grad_checkpointed_stages', 'expand_head']
 
 # %% ../nbs/02_models.ipynb #385c3d44
 def _features_stages(m): return list(m.features)
@@ -202,3 +204,53 @@ def parameter_summary(model:nn.Module) -> str:
     try: name = backbone_of(model)
     except ValueError: name = type(_unwrap(model)).__name__
     return f"{name}: {tr:,} of {tot:,} parameters trainable ({100*tr/max(tot, 1):.1f}%)"
+
+# %% ../nbs/02_models.ipynb #20395020
+@contextlib.contextmanager
+def _keep_bn_stats(module:nn.Module):
+    "Within: BatchNorm running statistics in `module` are restored on exit (the recomputation must not update them twice)."
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try: yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(bns, saved): m.running_mean.copy_(mean); m.running_var.copy_(var); m.num_batches_tracked.copy_(n)
+
+class _CheckpointedForward:
+    "A stage's `forward` that recomputes its activations in backward while training (an object, so deepcopy follows the module)."
+    def __init__(self, module:nn.Module): self.module = module
+    def __call__(self, *args):
+        m, plain = self.module, type(self.module).forward
+        if not (m.training and torch.is_grad_enabled()): return plain(m, *args)
+        return checkpoint(plain, m, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_bn_stats(m)))
+
+# %% ../nbs/02_models.ipynb #549ea2a2
+def enable_grad_checkpointing(model:nn.Module, # a model of a supported backbone
+                              enabled:bool=True # False restores the plain forward
+                             ) -> nn.Module:
+    "Checkpoint every callable backbone stage of `model` (in place; returns `model`); the head runs normally."
+    name, m = backbone_of(model), _unwrap(model)
+    for stage in BACKBONES[name].stages(m):
+        if isinstance(stage, (nn.ModuleList, nn.ModuleDict)): continue   # a group of layers (resnet's stem), not one call
+        if enabled: stage.forward = _CheckpointedForward(stage)
+        else: stage.__dict__.pop('forward', None)
+    return model
+
+def grad_checkpointed_stages(model:nn.Module) -> int:
+    "How many stages of `model` run under gradient checkpointing."
+    return sum(isinstance(s.__dict__.get('forward'), _CheckpointedForward) for s in BACKBONES[backbone_of(model)].stages(_unwrap(model)))
+
+# %% ../nbs/02_models.ipynb #eb41f8dd
+def expand_head(model:nn.Module, # a model of a supported backbone
+                n_new:int        # outputs to append (>= 0)
+               ) -> nn.Module:
+    "Append `n_new` freshly initialised outputs to `model`'s classifier, keeping the old rows (in place; returns `model`)."
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0: raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+    name, m = backbone_of(model), _unwrap(model)
+    head = getattr(m, BACKBONES[name].head)
+    old = head[-1] if isinstance(head, nn.Sequential) else head
+    new = nn.Linear(old.in_features, old.out_features + n_new).to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad(): new.weight[:old.out_features] = old.weight; new.bias[:old.out_features] = old.bias
+    if isinstance(head, nn.Sequential): head[-1] = new
+    else: setattr(m, BACKBONES[name].head, new)
+    return model

@@ -27,12 +27,13 @@ from .persistence import (  # the artifact and checkpoint format lives in 02a_pe
 
 # %% auto #0
 __all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer', 'build_scheduler',
-           'step_scheduler', 'amp_dtype_for', 'amp_settings', 'cuda_speedups', 'NonFiniteLossError', 'StepGuard',
-           'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed', 'teardown_distributed', 'all_reduce_sums',
-           'broadcast_buffers', 'train_epoch', 'validate_epoch', 'prune_checkpoints', 'save_epoch_checkpoints',
-           'resolve_data_pipeline', 'make_loaders', 'start_epoch', 'TrainingDivergedError', 'fit', 'check_writable',
-           'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker',
-           'prepare_model', 'train', 'sigterm_as_interrupt', 'main']
+           'step_scheduler', 'warmup_cosine_factor', 'amp_dtype_for', 'amp_settings', 'cuda_speedups',
+           'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed',
+           'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch', 'validate_epoch',
+           'prune_checkpoints', 'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders', 'start_epoch',
+           'TrainingDivergedError', 'fit', 'check_writable', 'resolve_resume', 'CheckpointExistsError',
+           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'load_init_model',
+           'prepare_finetune', 'class_group_accuracy', 'forgetting_report', 'train', 'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03_train.ipynb #304a80fa
 class EarlyStopping:
@@ -69,12 +70,15 @@ def build_optimizer(model:nn.Module, name:str='adam', # one of `OPTIMIZERS`
 # %% ../nbs/03_train.ipynb #2913da03
 def build_scheduler(optimizer, name:str='reduce_on_plateau', # one of `SCHEDULERS` ('plateau' is an alias)
                     *, factor:float=0.5, patience:int=3, # plateau: lr × factor after `patience` flat epochs
-                    epochs:int|None=None):               # cosine: the period
+                    epochs:int|None=None,                # cosine: the period
+                    warmup:int=0):                       # cosine: epochs of linear warmup first (0: plain cosine)
     "The learning-rate scheduler `name` for `optimizer` (None for 'none')."
     if name in ('reduce_on_plateau', 'plateau'): return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor, patience=patience)
     if name == 'cosine':
         if not epochs: raise ValueError("the cosine scheduler needs epochs >= 1")
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        if not warmup: return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        if not 0 < warmup < epochs: raise ValueError(f"warmup must be in 0..epochs-1 (at least one epoch of decay), got warmup={warmup}, epochs={epochs}")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_cosine_factor(e, warmup, epochs))
     if name == 'none': return None
     raise ValueError(f"scheduler {name!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
 
@@ -82,6 +86,15 @@ def step_scheduler(scheduler, val_loss:float):
     "Advance `scheduler` once per epoch (the plateau scheduler watches `val_loss`)."
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau): scheduler.step(val_loss)
     elif scheduler is not None: scheduler.step()
+
+# %% ../nbs/03_train.ipynb #dcc4d209
+def warmup_cosine_factor(epoch:int,  # epochs completed (the scheduler's step count)
+                         warmup:int,  # epochs of linear warmup
+                         epochs:int   # total epochs
+                        ) -> float:
+    "The learning-rate multiplier at `epoch`: linear up to 1 over `warmup` epochs, then a cosine down to 0 at `epochs`."
+    if epoch < warmup: return (epoch + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, epochs - warmup) / (epochs - warmup)))
 
 # %% ../nbs/03_train.ipynb #5381856c
 def amp_dtype_for(capability:tuple|None,      # `torch.cuda.get_device_capability()`, None without a GPU
@@ -380,7 +393,7 @@ def make_loaders(cfg:TrainingConfig, device:torch.device, dist:DistInfo|None=Non
     if cfg.download and dist is not None and dist.active: tdist.barrier()
     kw = dict(train_split=cfg.train_split, seed=cfg.seed, max_per_class=cfg.max_per_class, augment=data.AugmentSpec.from_config(cfg),
               shard=(dist.rank, dist.world_size) if dist is not None and dist.active else None)
-    if resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu':
+    if cfg.augment == 'seed' and resolve_data_pipeline(cfg.data_pipeline, device) == 'gpu':   # trivialaugment: CPU pipeline (PIL)
         tr, va, c2i, tp, vp = gpu_data.get_gpu_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, device=device, channels_last=True,
                                                             strict_decode=cfg.data_pipeline == 'gpu', **kw)
         probe = lambda: gpu_data.probe_gpu_pipeline([p for p, _ in va.dataset.samples + tr.dataset.samples], device)
@@ -427,9 +440,11 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
     "Train `model` for the epochs of `cfg` with checkpoints, early stopping and NaN rollback."
     device, tracker, main = torch.device(device), tracker or tracking.NullTracker(), dist is None or dist.is_main
     scored = model.module if isinstance(model, DistributedDataParallel) else model  # DDP's forward would sync buffers
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)   # training loss only
+    val_criterion = nn.CrossEntropyLoss()   # plain: validation losses stay comparable across label smoothing values
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience, epochs=cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience, epochs=cfg.epochs,
+                                warmup=cfg.warmup_epochs)
     amp_dtype, scaler = amp_settings(device, cfg.mixed_precision)
     early, guard, cl = EarlyStopping(cfg.early_stopping_patience), StepGuard(), device.type == 'cuda'
     targets, extra = dict(scheduler=scheduler, scaler=scaler, early_stopping=early), dict(config=cfg, **(extra_state or {}))
@@ -446,7 +461,7 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
         except NonFiniteLossError as e:
             rollbacks += 1; epoch, history = _roll_back(e, good, model, optimizer, targets, rollbacks); continue
         broadcast_buffers(model, dist)         # every rank scores (and rank 0 saves) the same weights and BN statistics
-        vl, va = validate(scored, val_loader, criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
+        vl, va = validate(scored, val_loader, val_criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
         lr = optimizer.param_groups[0]['lr']
         step_scheduler(scheduler, vl)
         improved = early.step(vl, epoch, va)
@@ -604,6 +619,10 @@ def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
     if changed:
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
                          + f"; resume with the same value{'s' if len(changed) > 1 else ''} (they decide the train/validation split)")
+    recipe = [k for k in ('warmup_epochs', 'label_smoothing', 'augment', 'init_from', 'rehearsal_dir', 'rehearsal_fraction') if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
+    if recipe:   # a different schedule, loss, augmentation or fine-tuning data would not continue the same run
+        raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved.get(k, getattr(TrainingConfig, k))}" for k in recipe)
+                         + "; resume with the same recipe (or start a fresh run)")
 
 def train_params(cfg:TrainingConfig, train_loader, val_loader, world_size:int=1) -> dict:
     "What `train` logs as MLflow params: the config, the dataset sizes and the number of processes."
@@ -614,10 +633,13 @@ def default_tracker(cfg:TrainingConfig) -> tracking.MLflowTracker:
     return tracking.MLflowTracker(cfg.tracking_uri, cfg.experiment_name, journal_path=Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME)
 
 # %% ../nbs/03_train.ipynb #f0d9015d
-def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist:DistInfo|None=None) -> nn.Module:
+def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist:DistInfo|None=None,
+                  init_state:dict|None=None) -> nn.Module:  # `--init-from`: the saved model's (expanded) weights
     "The backbone of `cfg` on `device`, converted, compiled and wrapped as `cfg` and `dist` say."
-    model = models.build_model(cfg.model_name, num_classes, cfg.pretrained, cfg.weights_path)
+    model = models.build_model(cfg.model_name, num_classes, cfg.pretrained and init_state is None, None if init_state else cfg.weights_path)
+    if init_state is not None: model.load_state_dict(init_state)
     if cfg.freeze_layers: models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.grad_checkpointing: models.enable_grad_checkpointing(model)
     ddp = dist is not None and dist.active
     if cfg.sync_bn and ddp and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_bn: warnings.warn("--sync-bn is ignored: SyncBatchNorm needs several processes (torchrun) on CUDA")
@@ -637,6 +659,83 @@ def _removed_if_failed(*folders):
             with contextlib.suppress(OSError): f.rmdir()
         raise
 
+# %% ../nbs/03_train.ipynb #b16465b6
+def load_init_model(ref:str,           # a version folder (outputs/v3), the output folder, or models:/name@alias (or /version)
+                    tracking_uri:str,   # the registry of a models:/ reference
+                    download_dir:str|Path) -> tuple:  # where a registered version's artifacts are downloaded
+    "`(model, model_config)` of `--init-from`, loaded with `load_saved_model` (weights only)."
+    if str(ref).startswith('models:/'):
+        import mlflow   # only a registry reference needs MLflow
+        try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(download_dir), tracking_uri=tracking_uri)
+        except Exception as e:
+            raise ValueError(f"--init-from {ref}: cannot download it from the registry at {tracking_uri} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the name and alias, or pass a vN/ folder") from None
+        d = resolve_model_dir(Path(local)/'artifacts' if (Path(local)/'artifacts').is_dir() else local)
+    else: d = resolve_model_dir(ref)
+    mc = load_model_config(d)
+    return load_saved_model(d/mc['weights_file'], mc), mc
+
+# %% ../nbs/03_train.ipynb #1cf2a642
+def prepare_finetune(cfg:TrainingConfig, train_dl, val_dl, c2i:dict, device, dist:DistInfo|None=None) -> dict:
+    "For `--init-from`: merged classes, relabelled (and rehearsal-mixed) training loader, expanded weights, old-class test loader."
+    init, mc = load_init_model(cfg.init_from, cfg.tracking_uri, Path(cfg.checkpoint_dir)/'init_from')
+    old = {c: i for i, c in enumerate(mc['class_names'])}
+    merged = data.merge_class_to_idx(old, c2i)
+    n_new = len(merged) - len(old)
+    if n_new == 0 and len(c2i) < len(old): print(f"note: the data has {len(c2i)} of the model's {len(old)} classes and no new ones")
+    sd = models.expand_head(copy.deepcopy(init), n_new).state_dict()
+    old_dl = None
+    if cfg.rehearsal_dir:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # no test split: its validation part, said in the report
+            old_dl = data.get_test_loader(cfg.rehearsal_dir, cfg.batch_size, cfg.num_workers, class_to_idx=old,
+                                          max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
+    shard = (dist.rank, dist.world_size) if dist is not None and dist.active else None
+    for dl in (train_dl, val_dl): data.relabel_dataset(dl.dataset, merged)   # the new data's labels in the merged index space
+    if cfg.rehearsal_fraction > 0:
+        train_dl = data.with_rehearsal(train_dl, cfg.rehearsal_dir, merged, cfg.rehearsal_fraction, seed=cfg.seed, max_per_class=cfg.max_per_class,
+                                       augment=data.AugmentSpec.from_config(cfg), num_workers=cfg.num_workers, shard=shard)
+    return dict(train_dl=train_dl, class_to_idx=merged, state=sd, model_name=mc['model_name'], old=old, n_new=n_new,
+                old_dl=old_dl, init=init)
+
+# %% ../nbs/03_train.ipynb #e94a65e4
+def class_group_accuracy(logits:torch.Tensor, targets:torch.Tensor, classes:set) -> float|None:
+    "Top-1 accuracy over the samples whose target is in `classes` (None if there are none)."
+    keep = torch.tensor([int(t) in classes for t in targets], dtype=torch.bool)
+    return float((logits[keep].argmax(1) == targets[keep]).float().mean()) if keep.any() else None
+
+def forgetting_report(model, init, ft:dict, new_test_dl, device) -> dict:
+    "Old-class top-1 before (the saved model) and after (`model`), forgetting in points, and new-class top-1."
+    old_idx, out = set(ft['old'].values()), {}
+    if ft['old_dl'] is not None:
+        lb, tb, _ = metrics.collect_predictions(init, ft['old_dl'], device)
+        la, ta, _ = metrics.collect_predictions(model, ft['old_dl'], device)
+        out.update(old_class_acc_before=class_group_accuracy(lb, tb, old_idx), old_class_acc_after=class_group_accuracy(la, ta, old_idx))
+        out['forgetting_points'] = 100 * (out['old_class_acc_before'] - out['old_class_acc_after'])
+    if new_test_dl is not None:
+        ln, tn, _ = metrics.collect_predictions(model, new_test_dl, device)
+        out['new_class_acc'] = class_group_accuracy(ln, tn, set(range(len(ft['old']), len(ft['old']) + ft['n_new'])))
+    return {k: v for k, v in out.items() if v is not None}
+
+# %% ../nbs/03_train.ipynb #526c4e1f
+def _report_finetune(model, cfg:TrainingConfig, ft:dict, c2i:dict, res:dict, tracker, vdir:Path, device):
+    "Measure, print, log and save the old/new-class accuracies of a fine-tuned run."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            new_dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx=c2i, max_per_class=cfg.max_per_class,
+                                          seed=cfg.seed, train_split=cfg.train_split) if ft['n_new'] else None
+        r = forgetting_report(_underlying(model).eval(), ft['init'], ft, new_dl, device)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        warnings.warn(f"old/new-class evaluation skipped: {' '.join(str(e).split())[:300]}"); return {}
+    if 'old_class_acc_before' in r:
+        print(f"old classes: top-1 {r['old_class_acc_before']:.2%} before, {r['old_class_acc_after']:.2%} after "
+              f"(forgetting {r['forgetting_points']:.1f} points)", flush=True)
+    if 'new_class_acc' in r: print(f"new classes ({ft['n_new']}): top-1 {r['new_class_acc']:.2%}", flush=True)
+    tracker.log_metrics(r, step=max([h['epoch'] for h in res['history']], default=0))
+    _update_model_config(vdir, init_from=cfg.init_from, **r)
+    return r
+
 # %% ../nbs/03_train.ipynb #1d49b5bd
 def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
           tracker=None,             # a `tracking.Tracker`; default `MLflowTracker(cfg.tracking_uri, …)`
@@ -651,9 +750,13 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
         check_writable(cfg.checkpoint_dir, 'checkpoint folder'); check_writable(cfg.output_dir, 'output folder')
         dist = dist_from_env(); device = setup_distributed(dist, cfg.device); set_seed(cfg.seed)
         train_dl, val_dl, c2i = make_loaders(cfg, device, dist)
+        ft = prepare_finetune(cfg, train_dl, val_dl, c2i, device, dist) if cfg.init_from else None   # merged classes, expanded head
+        if ft:
+            if ft['model_name'] != cfg.model_name: print(f"note: --init-from is a {ft['model_name']}; fine-tuning that backbone")
+            train_dl, c2i, cfg = ft['train_dl'], ft['class_to_idx'], dataclasses.replace(cfg, model_name=ft['model_name'])
         cfg = dataclasses.replace(cfg, num_classes=len(c2i))   # the data decides
         if ck: _check_resume(ck, cfg, c2i, ck_path)
-        model = prepare_model(cfg, len(c2i), device, dist)
+        model = prepare_model(cfg, len(c2i), device, dist, ft and ft['state'])
         tracker = (tracker or default_tracker(cfg)) if dist.is_main else tracking.NullTracker()  # one MLflow run per job
     if cfg.mixed_precision and device.type != 'cuda' and dist.is_main: print(f"note: mixed precision is a no-op on {device.type}; training in float32")
     tracker = tracking.GuardedTracker(tracker, Path(cfg.checkpoint_dir)/tracking.JOURNAL_NAME, cfg.tracking_uri)  # never fatal
@@ -666,6 +769,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
         res = fit(model, train_dl, val_dl, cfg, device=device, tracker=tracker, resume=ck, progress=progress, dist=dist,
                   extra_state=dict(class_to_idx=c2i, data_seed=cfg.seed))  # data order = f(data_seed, epoch)
         vdir = _finish(model, cfg, c2i, res, tracker, device) if dist.is_main else None
+        if ft and vdir: _report_finetune(model, cfg, ft, c2i, res, tracker, vdir, device)
         if dist.active: tdist.barrier()        # the other ranks wait while rank 0 logs and registers the model
     except KeyboardInterrupt: tracker.end('KILLED'); raise
     except BaseException: tracker.end('FAILED'); raise
