@@ -451,6 +451,8 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
     epoch, history = (restore_checkpoint(resume, model, optimizer, **targets)[0], list(resume.get('history') or [])) if resume else (1, [])
     good = copy.deepcopy(resume or checkpoint_state(model, optimizer, 0, None, history=[], **targets, **extra))
     rollbacks, stopped = 0, bool(resume and resume.get('stopped_early'))
+    if resume and history and main:   # a kill between the last checkpoint and its log_metrics lost them: log again (same values)
+        tracker.log_metrics({k: v for k, v in history[-1].items() if k != 'epoch'}, step=history[-1]['epoch'])
     while epoch <= cfg.epochs and not stopped:
         start_epoch(train_loader, epoch, cfg.seed, dist)  # data order and augmentation = f(seed, epoch), the same after a resume
         t0 = time.perf_counter()
