@@ -26,14 +26,15 @@ from .persistence import (  # the artifact and checkpoint format lives in 02a_pe
     read_checkpoint, restore_checkpoint, load_checkpoint, _underlying, _plain, _permission_error)
 
 # %% auto #0
-__all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer', 'build_scheduler',
-           'step_scheduler', 'warmup_cosine_factor', 'amp_dtype_for', 'amp_settings', 'cuda_speedups',
-           'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed',
-           'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch', 'validate_epoch',
-           'prune_checkpoints', 'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders', 'start_epoch',
-           'TrainingDivergedError', 'fit', 'check_writable', 'resolve_resume', 'CheckpointExistsError',
-           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'load_init_model',
-           'prepare_finetune', 'class_group_accuracy', 'forgetting_report', 'train', 'sigterm_as_interrupt', 'main']
+__all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'METRICS_MARK', 'USER_ERRORS', 'EarlyStopping', 'build_optimizer',
+           'build_scheduler', 'step_scheduler', 'warmup_cosine_factor', 'amp_dtype_for', 'amp_settings',
+           'cuda_speedups', 'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout',
+           'setup_distributed', 'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch',
+           'validate_epoch', 'prune_checkpoints', 'save_epoch_checkpoints', 'resolve_data_pipeline', 'make_loaders',
+           'start_epoch', 'TrainingDivergedError', 'mark_logged', 'logged_epoch', 'fit', 'check_writable',
+           'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker',
+           'prepare_model', 'load_init_model', 'prepare_finetune', 'class_group_accuracy', 'forgetting_report', 'train',
+           'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03_train.ipynb #304a80fa
 class EarlyStopping:
@@ -429,6 +430,19 @@ def _roll_back(err, good, model, optimizer, targets:dict, n:int, max_rollbacks:i
     warnings.warn(f"{err}: rolled back to {where} (end of epoch {start - 1}) and lowered the learning rate to {optimizer.param_groups[0]['lr']:.2e}")
     return start, list(ck.get('history') or [])
 
+# %% ../nbs/03_train.ipynb #ccb64bdd
+METRICS_MARK = 'metrics_logged.json'   # beside last.pth: the last epoch whose metrics reached the tracker (or its journal)
+
+def mark_logged(checkpoint_dir:str|Path, epoch:int):
+    "Record that `epoch`'s metrics were logged; a failed write only means that epoch may be logged twice after a resume."
+    with contextlib.suppress(OSError):
+        atomic_write(Path(checkpoint_dir)/METRICS_MARK, lambda f: f.write(json.dumps({'epoch': epoch}).encode()), 'metrics mark')
+
+def logged_epoch(checkpoint_dir:str|Path) -> int:
+    "The last epoch `mark_logged` recorded in `checkpoint_dir` (0 when there is none)."
+    try: return int(json.loads((Path(checkpoint_dir)/METRICS_MARK).read_text())['epoch'])
+    except (OSError, ValueError, KeyError, TypeError): return 0
+
 # %% ../nbs/03_train.ipynb #da4fcc55
 def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
         device='cpu', tracker=None,      # any `tracking.Tracker`; None logs nothing
@@ -451,7 +465,7 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
     epoch, history = (restore_checkpoint(resume, model, optimizer, **targets)[0], list(resume.get('history') or [])) if resume else (1, [])
     good = copy.deepcopy(resume or checkpoint_state(model, optimizer, 0, None, history=[], **targets, **extra))
     rollbacks, stopped = 0, bool(resume and resume.get('stopped_early'))
-    if resume and history and main:   # a kill between the last checkpoint and its log_metrics lost them: log again (same values)
+    if resume and history and main and logged_epoch(cfg.checkpoint_dir) < history[-1]['epoch']:   # killed between checkpoint and log
         tracker.log_metrics({k: v for k, v in history[-1].items() if k != 'epoch'}, step=history[-1]['epoch'])
     while epoch <= cfg.epochs and not stopped:
         start_epoch(train_loader, epoch, cfg.seed, dist)  # data order and augmentation = f(seed, epoch), the same after a resume
@@ -476,6 +490,7 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
             except InsufficientSpaceError as e: warnings.warn(f"{e}; training continues without this epoch's checkpoint")
         elif dist.active: good = Path(cfg.checkpoint_dir)/'last.pth'  # rank 0's; written before the next epoch's first collective
         tracker.log_metrics(em.metrics(), step=epoch)   # after the checkpoint: a tracking error cannot cost this epoch
+        if main: mark_logged(cfg.checkpoint_dir, epoch)
         epoch += 1
     if stopped and main: print(f"early stopping: validation loss has not improved for {early.bad_epochs} epochs; "
                                f"best was {early.best_loss:.4f} at epoch {early.best_epoch}", flush=True)
