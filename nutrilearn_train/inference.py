@@ -402,7 +402,7 @@ def _missing_files(name:str, mv, uri:str, err:Exception) -> FileNotFoundError:
         f"{name} version {mv.version} is registered in {uri}, but its files cannot be read ({' '.join(str(err).split())[:200]}). "
         "If mlflow.db was moved from another machine (e.g. Colab's /content/drive/MyDrive/nutrilearn) together with its "
         "mlartifacts/ folder, its artifact paths still point to the old place: re-root them once with "
-        "`python -c \"from nutrilearn_train.colab import reroot_mlflow_store; reroot_mlflow_store('mlflow.db', 'OLD_FOLDER')\"`; "
+        "`reroot_mlflow_store('mlflow.db', 'OLD_FOLDER')` from this package's colab module (README: From Colab to your backend); "
         "otherwise load the version's outputs/vN folder with Predictor.from_dir")
 
 def load_registered_model(ref,                      # see `parse_model_ref`
