@@ -174,7 +174,7 @@ def test_notebook_in_browser(tmp_path, jupyterlab):
             train.click()
             # the results land in the form's output area: curves, then the confusion matrix, then predictions
             results = page.locator('.jupyter-widgets.widget-output')
-            expect(results.get_by_text('Test split:')).to_be_visible(timeout=600_000)
+            expect(results.get_by_text('Test split:', exact=True)).to_be_visible(timeout=600_000)   # not the progress bar's 'test split: 100%'
             expect(results.locator('img.widget-image')).to_have_count(1)    # the live chart
             out_imgs = results.locator('.jp-RenderedImage img')
             expect(out_imgs.nth(2)).to_be_visible(timeout=120_000)   # curves, confusion matrix, predictions
