@@ -76,7 +76,10 @@ def test_killed_study_continues(tmp_path):
     assert len(parents) == 1                                                      # the rerun resumed the same parent run
     pid = parents[0].info.run_id
     kids = [x for x in runs if x.data.tags.get('mlflow.parentRunId') == pid]
-    assert len(kids) == len(after)                                                # one child run per trial, the killed one too
+    # one child run per finished trial; the killed trial has one only if the kill came after its run started
+    # (Optuna creates the trial a moment before train() opens the MLflow run)
+    assert len(kids) in (len(after) - 1, len(after)), (len(kids), len(after))
+    assert len([x for x in kids if x.info.status in ('FINISHED', 'KILLED')]) == sum(t.state.name in FINISHED for t in after)   # KILLED = pruned
     done = [x for x in kids if x.info.status == 'FINISHED']
     assert done and all('trial_value' in x.data.metrics and 'val_loss' in x.data.metrics and 'learning_rate' in x.data.params for x in done)
     assert all(x.data.tags['pruned'] in ('true', 'false') for x in kids if x.info.status != 'RUNNING')
