@@ -158,7 +158,7 @@ def _log_to_run(results, files, mcfg:dict, split:str, out:Path) -> str:
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
 
 # %% ../nbs/04_evaluate.ipynb #05bdf838
-from . import explain   # the galleries with Grad-CAM (02e_explain)
+from . import explain   # the galleries with Grad-CAM (02d_explain)
 from .data import build_val_transform
 
 def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:Path, device='cpu') -> dict:
@@ -168,7 +168,7 @@ def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:
     except ValueError as e: print(f"gallery skipped: {e}", file=sys.stderr); return {}
 
 # %% ../nbs/04_evaluate.ipynb #076d498b
-from .ensemble import ensemble_logits   # 02f_ensemble
+from .ensemble import ensemble_logits   # 02e_ensemble
 
 def evaluate_ensemble(members:Sequence[tuple],     # `(label, model)` pairs, models in eval mode on `device`
                       dl, class_names:Sequence[str], device='cpu',
