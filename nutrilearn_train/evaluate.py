@@ -19,7 +19,7 @@ from .config import DEVICES, HelpFormatter, get_device
 from .data import get_data_loaders, get_test_loader, load_image
 from .models import build_model
 from .persistence import input_side, load_model_config, load_saved_model, resolve_model_dir
-from .metrics import (  # the pure metrics live in 02c_metrics (training uses them too); re-exported here
+from .metrics import (  # the pure metrics live in 02d_metrics (training uses them too); re-exported here
     _check_logits, decode_logits, topk_accuracy, per_class_metrics, classification_report_rows, rank_classes, confusion_matrix,
     normalize_rows, most_confused, save_most_confused, plot_confusion_matrix, generate_confusion_matrix, EvaluationResults,
     results_from_logits, collect_predictions, evaluate_model, save_evaluation, evaluation_metrics)
@@ -158,7 +158,7 @@ def _log_to_run(results, files, mcfg:dict, split:str, out:Path) -> str:
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
 
 # %% ../nbs/04_evaluate.ipynb #05bdf838
-from . import explain   # the galleries with Grad-CAM (02d_explain)
+from . import explain   # the galleries with Grad-CAM (02e_explain)
 from .data import build_val_transform
 
 def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:Path, device='cpu') -> dict:
@@ -168,7 +168,7 @@ def _save_gallery(model, mcfg:dict, samples, logits, targets, names, k:int, out:
     except ValueError as e: print(f"gallery skipped: {e}", file=sys.stderr); return {}
 
 # %% ../nbs/04_evaluate.ipynb #076d498b
-from .ensemble import ensemble_logits   # 02e_ensemble
+from .ensemble import ensemble_logits   # 02f_ensemble
 
 def evaluate_ensemble(members:Sequence[tuple],     # `(label, model)` pairs, models in eval mode on `device`
                       dl, class_names:Sequence[str], device='cpu',

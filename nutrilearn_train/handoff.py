@@ -37,7 +37,7 @@ def _update_model_config(vdir:Path, **kw) -> dict:
     return mc
 
 # %% ../nbs/03a_handoff.ipynb #83e9074d
-from . import explain   # the galleries (02d_explain)
+from . import explain   # the galleries (02e_explain)
 
 def _galleries(model, dl, logits, targets, names:list, vdir:Path, device) -> dict:
     "`misclassified.png` and `top_losses.png` with Grad-CAM in `vdir`; a warning (not a failure) when they cannot be drawn."

@@ -329,7 +329,7 @@ def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_
 Predictor.from_registry = classmethod(_from_registry)
 
 # %% ../nbs/05_inference.ipynb #28811b3f
-from .explain import denormalize, grad_cam, overlay_cam, save_png   # 02d_explain
+from .explain import denormalize, grad_cam, overlay_cam, save_png   # 02e_explain
 
 def _explain(self, image,                 # a path, raw bytes or a PIL image
              class_name:str|None=None     # class to explain (default: the predicted one)
@@ -346,7 +346,7 @@ def _explain(self, image,                 # a path, raw bytes or a PIL image
 Predictor.explain = _explain
 
 # %% ../nbs/05_inference.ipynb #83148b0c
-from .ensemble import ensemble_logits, ensemble_weights   # 02e_ensemble
+from .ensemble import ensemble_logits, ensemble_weights   # 02f_ensemble
 
 class EnsembleForward:
     "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' probabilities."
