@@ -46,7 +46,7 @@ def test_moved_run_folder_resolves_after_reroot(tmp_path):
     assert reroot_mlflow_store(backend / 'mlflow.db', str(colab)) >= 3   # experiment, run, model version (+ logged model)
     p = Predictor.from_registry('models:/nutrilearn-food101/1', tracking_uri=uri, device='cpu')
     assert len(p.predict(photo, top_k=3)) == 3
-    files = Path(download_artifacts(run_id=run_id, artifact_path='model_artifacts', tracking_uri=uri,
+    files = Path(download_artifacts(run_id=run_id, artifact_path='models/nutrilearn-food101/v1', tracking_uri=uri,
                                     dst_path=str(tmp_path / 'dl'))).iterdir()
     assert 'model_config.json' in {f.name for f in files}
     assert MlflowClient(uri).get_run(run_id).info.artifact_uri.startswith(str(backend))
