@@ -36,7 +36,7 @@ def synth_loaders(bs:int=8, seed:int=0) -> tuple:
 # %% ../nbs/01b_test_utils.ipynb #4235ac8e
 def tiny_cfg(d, **kw) -> TrainingConfig:
     "A config for the synthetic tests: everything written under `d`, 3 classes, 3 epochs."
-    return TrainingConfig(**{**dict(num_classes=3, epochs=3, learning_rate=0.05, checkpoint_dir=str(Path(d)/'ck'), output_dir=str(Path(d)/'out'),
+    return TrainingConfig(**{**dict(num_classes=3, epochs=3, learning_rate=0.05, freeze_layers=0, checkpoint_dir=str(Path(d)/'ck'), output_dir=str(Path(d)/'out'),
                                     tracking_uri='sqlite:////unused/mlflow.db'), **kw})
 
 def quiet(f, *a, **kw) -> tuple:

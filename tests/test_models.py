@@ -9,12 +9,12 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torchvision import models as tvm
 
-from nutrilearn_train.config import MODEL_NAMES
+from nutrilearn_train.config import BACKBONE_BLOCKS, MODEL_NAMES
 from nutrilearn_train.models import (BACKBONES, WeightsUnavailableError, build_head, build_model, count_parameters,
                                      freeze_layers, get_classifier, load_backbone_state_dict, load_backbone_weights,
                                      parameter_summary, pretrained_state_dict, replace_head)
 
-N_STAGES = {'mobilenet_v2': 19, 'efficientnet_b0': 9, 'resnet50': 5}
+N_STAGES = BACKBONE_BLOCKS   # blocks freeze_layers counts per backbone
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else []) + \
           (['mps'] if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available() else [])
 
@@ -91,7 +91,7 @@ def test_train_step_on_device(models, device, name):
     m.zero_grad(set_to_none=True); m.eval()
 
 
-# freeze_layers: the head is always trainable; freezing more stages never leaves more trainable parameters.
+# freeze_layers: the head is always trainable; freezing more blocks never leaves more trainable parameters.
 @pytest.mark.parametrize('train_bn', [True, False])
 @settings(max_examples=100, deadline=None)
 @given(data=st.data(), name=st.sampled_from(MODEL_NAMES))
@@ -115,15 +115,15 @@ def test_freeze_head_trainable_and_monotone(models, train_bn, data, name):
 @settings(max_examples=100, deadline=None)
 @given(name=st.sampled_from(MODEL_NAMES), k=st.one_of(st.integers(-50, -2), st.integers(20, 50)))
 def test_freeze_rejects_out_of_range(models, name, k):
-    with pytest.raises(ValueError, match=rf"1\.\.{N_STAGES[name]} \(first stages of {name}\), got {k}"):
+    with pytest.raises(ValueError, match=rf"1\.\.{N_STAGES[name]} \(first blocks of {name}\), got {k}"):
         freeze_layers(models[name], k)
 
 
 def test_freeze_stage_boundaries(models):
     m = models['resnet50']
-    freeze_layers(m, 2)  # stem + layer1
-    assert not m.conv1.weight.requires_grad and not m.layer1[0].conv1.weight.requires_grad
-    assert m.layer2[0].conv1.weight.requires_grad and m.bn1.weight.requires_grad and m.fc.weight.requires_grad
+    freeze_layers(m, 4)  # stem + layer1's three bottlenecks
+    assert not m.conv1.weight.requires_grad and not m.layer1[2].conv1.weight.requires_grad and not m.bn1.weight.requires_grad
+    assert m.layer2[0].conv1.weight.requires_grad and m.fc.weight.requires_grad
     assert parameter_summary(m).startswith('resnet50: ') and 'parameters trainable' in parameter_summary(m)
     freeze_layers(m, 0)
 
