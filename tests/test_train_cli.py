@@ -60,8 +60,11 @@ def test_real_server_then_resume_matches_a_straight_run(mlflow_server, tmp_path)
     assert run.data.tags['backbone'] == 'mobilenet_v2' and run.data.tags['version'] == 'v1' and 'training_time' in run.data.tags
     h2 = history(client, run_id)
     assert all([s for s, _ in h2[k]] == [1, 2] for k in METRICS), h2
-    arts = sorted(a.path for a in client.list_artifacts(run_id, 'model_artifacts'))
-    assert arts == ['model_artifacts/class_to_idx.json', 'model_artifacts/food_model_v1.pth', 'model_artifacts/model_config.json']
+    arts = sorted(a.path for a in client.list_artifacts(run_id, f'models/{name}/v1'))   # log_model_artifact: models/<name>/vN
+    assert arts == [f'models/{name}/v1/{f}' for f in ('class_to_idx.json', 'food_model_v1.pth', 'model_config.json')], arts
+    assert run.data.tags['model_version'] == '1' and run.data.tags['reload_check'] == 'ok'
+    reloaded = [l for l in r.stdout.splitlines() if l.startswith('reloaded v1 from disk: ')]   # the design's last step
+    assert len(reloaded) == 1 and reloaded[0].count('%') == 3 and '(true: ' in reloaded[0], r.stdout[-2000:]
     mv = client.get_model_version_by_alias(name, 'champion')
     assert (mv.version, mv.run_id) == ('1', run_id)
     mc = json.loads((d/'out/v1/model_config.json').read_text())
