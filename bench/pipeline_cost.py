@@ -15,7 +15,7 @@ Measured for each version, in this process:
 The old code is read with `git show <rev>:nutrilearn_train/gpu_data.py`; both versions draw the same random
 parameters, so their training outputs are also compared.
 """
-import argparse, importlib.util, statistics, subprocess, sys, time
+import argparse, importlib.util, subprocess, sys, time
 from collections import Counter
 from pathlib import Path
 
