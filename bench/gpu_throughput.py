@@ -1,31 +1,31 @@
-"""Benchmark (not a test): training images/s with the CPU (PIL) and the GPU (nvjpeg) data pipelines, on one GPU.
+"""Benchmark (not a test): training images/s through the real `train_epoch`, with the CPU (PIL) and the GPU (nvjpeg) data
+pipelines, eager and compiled, for the three backbones, on one GPU. `bench/gpu_check.sh` runs it after the GPU tests.
 
-    PYTHONPATH=. python3 bench/gpu_throughput.py --src ../shared/data/food-101-mini --out bench/results --seconds 10
-    PYTHONPATH=. python3 bench/gpu_throughput.py --src ../shared/data/food-101-mini --out /tmp/b --device cpu --seconds 2 \\
-        --models mobilenet_v2 --batch-size 8 --image-size 64      # CPU smoke: proves it runs; its numbers mean nothing
+    PYTHONPATH=. python3 bench/gpu_throughput.py --src ../shared/data/food-101-mini --out bench/results --budget-s 300
+    PYTHONPATH=. python3 bench/gpu_throughput.py --src ../shared/data/food-101-mini --out /tmp/b --smoke   # CPU: runs every
+                                                                    # path that needs no GPU; its numbers mean nothing
 
-Runs from a plain copy of the repository on a machine with only torch, torchvision, numpy and Pillow (no mlflow, nbdev
-or tqdm). `--src` is the Food-101 sample (`food-101/images/<class>/*.jpg`); the long training list is built in memory
-by repeating its files (nothing is copied into the repository), so an "epoch" never restarts the workers mid-run.
+Needs only torch, torchvision, numpy and Pillow (no mlflow, nbdev, tqdm). `--src` is the Food-101 sample
+(`food-101/images/<class>/*.jpg`); the long training list repeats its files in memory, so the workers never restart.
+Everything is set as a Colab user's run sets it: mixed precision from `train.amp_settings` (bf16 autocast where the GPU
+computes it natively, else fp16 with a GradScaler), channels-last, `train.build_optimizer` (Adam), cudnn.benchmark (by
+`train_epoch`), the GPU pipeline with its start-up probe and strict decoding, exactly as `train.make_loaders` builds it.
+"All usable cores" is `len(os.sched_getaffinity(0))` (the CPUs this process may run on, not `os.cpu_count()`).
 
-For each backbone (bf16 autocast where the GPU computes bf16 natively, else fp16 + GradScaler; channels_last; Adam):
-  ceiling               the train step alone, on synthetic data already on the GPU
-  cpu_pipeline          data.ImageDataset + build_train_transform (PIL) with all CPU cores as workers
-  gpu_pipeline          gpu_data.ByteDataset (workers only read bytes) + GPUBatchPipeline + threaded DevicePrefetcher
-                        (what `nutrilearn-train` uses on CUDA), all cores
-  cpu_pipeline_2workers / gpu_pipeline_2workers     the same with 2 workers (a Colab VM)
-  ratios                gpu/ceiling, gpu/cpu, gpu_2w/cpu_2w
-New top-level fields:
-  pipeline_only         {all_workers, 2workers}: images/s of the threaded prefetcher loop alone (no model), GPU pipeline
-  train_epoch           the real `train.train_epoch` (StepGuard, clipping, device-side sums, the optimizer `fit` builds)
-                        on the GPU pipeline for the first backbone: the number users get, not only an upper bound
-  versions, settings, complete (false until the last measurement is written)
-Every measurement syncs the device before its timer starts and after it stops, and the JSON file
-(`--out/<device>-<date>.json`) is rewritten after each one, so a run cut short by a timeout keeps what it measured.
-Time: 5 measurements per backbone + 4, each `--seconds` long plus warm-up: about 4 minutes for all three backbones at
-the default 10 s on one H200 (under the 6-minute budget).
+Measurements (images/s; each a warm-up epoch, then a timed one of about `--seconds`):
+  pipeline_only   {gpu,cpu}_{all,2w}: the loader (and for GPU the threaded DevicePrefetcher) alone, no model
+  results[model][eager|compile]
+    ceiling       `train_epoch` on synthetic batches already on the device: the model and the loop alone
+    gpu_all       `train_epoch` on the GPU pipeline, all usable cores as workers (what `nutrilearn-train` does)
+    gpu_2w, cpu_all, cpu_2w   mobilenet_v2 only: the GPU pipeline with 2 workers (a Colab VM), the CPU pipeline
+  gpu_pipeline    the probe's verdict, strict decoding, how many images each measurement decoded where (device,
+                  the workers' CPU, PIL after a device failure, skipped), and so which pipeline was really measured
+  targets         issue 23's targets with the measured values; skipped: measurements the time budget left out
+The JSON (`--out/<device>-<date>.json`) is rewritten after every measurement, so a run cut short keeps what it measured;
+`--budget-s` bounds the whole run: a measurement that would not fit is skipped and listed, compiles last.
 """
-import argparse, datetime, gc, json, os, platform, re, sys, time
+import argparse, datetime, gc, itertools, json, os, platform, re, sys, time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,11 +34,24 @@ from torch import nn
 
 from nutrilearn_train.config import make_generator
 from nutrilearn_train.data import ImageDataset, build_train_transform, food101_samples, folder_samples, make_loader
-from nutrilearn_train.gpu_data import ByteDataset, DevicePrefetcher, GPUBatchPipeline, make_byte_loader
+from nutrilearn_train.gpu_data import ByteDataset, DevicePrefetcher, GPUBatchPipeline, make_byte_loader, probe_gpu_pipeline
 from nutrilearn_train.models import build_model
-from nutrilearn_train.train import StepGuard, _bf16_native, amp_dtype_for, build_optimizer, train_epoch
+from nutrilearn_train.train import StepGuard, amp_settings, build_optimizer, train_epoch
 
 MODELS = ('mobilenet_v2', 'efficientnet_b0', 'resnet50')
+TARGETS = (   # (name, numerator, denominator or None, threshold): issue 23, on one H100
+    ('mobilenet_v2 compiled train_epoch >= 6,000 images/s', ('mobilenet_v2', 'compile', 'gpu_all'), None, 6000),
+    ('mobilenet_v2 eager train_epoch >= 4,500 images/s', ('mobilenet_v2', 'eager', 'gpu_all'), None, 4500),
+    ('mobilenet_v2 compiled >= 3.3x the all-core CPU pipeline', ('mobilenet_v2', 'compile', 'gpu_all'), ('mobilenet_v2', 'eager', 'cpu_all'), 3.3),
+    ('2 workers: GPU pipeline >= 10x the CPU pipeline', ('mobilenet_v2', 'eager', 'gpu_2w'), ('mobilenet_v2', 'eager', 'cpu_2w'), 10),
+    *((f'{m} {mode} >= 85 % of its model-alone ceiling', (m, mode, 'gpu_all'), (m, mode, 'ceiling'), 0.85)
+      for m in ('resnet50', 'efficientnet_b0') for mode in ('eager', 'compile')))
+
+
+def usable_cpus() -> int:
+    "The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
 
 
 def sample_list(src: Path) -> tuple:
@@ -51,55 +64,19 @@ def sample_list(src: Path) -> tuple:
     return [(p, classes.index(c)) for p, c in pairs], classes
 
 
-def amp_dtype(device: torch.device):
-    "What `train.amp_settings` picks: bf16 where native, else fp16 (GradScaler); None (fp32) on the CPU."
-    if device.type != 'cuda': return None
-    return amp_dtype_for(torch.cuda.get_device_capability(device), _bf16_native(device))
-
-
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
-
-def make_train_step(model_name, num_classes, device, dtype, compile=False):
-    "A minimal train step (channels_last, autocast, Adam), independent of the trainer: the model's ceiling."
-    model = build_model(model_name, num_classes, pretrained=False).to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    crit, fwd = nn.CrossEntropyLoss(), (torch.compile(model) if compile else model)
-    def step(xb, yb):
-        xb = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        yb = yb.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = crit(fwd(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    return step
-
-
-def steady_rate(batches, step, device, seconds, warmup, min_steps=4) -> float:
-    "Images/s over the second half of a `seconds`-long run of `step` on `batches` (after `warmup` steps; synced timers)."
-    it = iter(batches)
-    for _ in range(warmup): step(*next(it))
-    sync(device)
-    stamps, sizes, t0 = [], [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds or len(stamps) < min_steps:
-        xb, yb = next(it)
-        step(xb, yb)
-        stamps.append(time.perf_counter()); sizes.append(len(yb))
-    sync(device); t_end = time.perf_counter()
-    h = len(stamps) // 2
-    return sum(sizes[h + 1:]) / (t_end - stamps[h])
-
-
-def synthetic(bs, device, num_classes, size):
-    xb = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    yb = torch.randint(0, num_classes, (bs,), device=device)
-    while True: yield xb, yb
+class Take:
+    "The next `n` items of the iterator `it`, as a sized loader: the workers and prefetch thread behind `it` keep running between uses."
+    def __init__(self, it, n: int): self.it, self.n = it, n
+    def __len__(self): return self.n
+    def __iter__(self): return (next(self.it) for _ in range(self.n))
 
 
 def endless(loader):
     while True: yield from loader
+
+
+def sync(device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
 
 
 def versions(device) -> dict:
@@ -110,90 +87,204 @@ def versions(device) -> dict:
     return v
 
 
+class Bench:
+    "The measurements of one run, its JSON file and its time budget."
+    def __init__(self, a, device):
+        self.a, self.device, self.t0 = a, device, time.monotonic()
+        self.samples, self.classes = sample_list(Path(a.src))
+        n = max(a.epoch_images, a.batch_size * 64)
+        self.train = (self.samples * -(-n // len(self.samples)))[:n]
+        self.amp_dtype, self.scaler_on = amp_settings(device, True)[0], amp_settings(device, True)[1] is not None
+        self.cl, self.resize = device.type == 'cuda', round(a.image_size * 256 / 224)
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+        date = datetime.date.today().isoformat()
+        self.path = Path(a.out) / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{date}.json"
+        self.loaders, self.compile_s = {}, None
+        self.out = dict(device=name, date=date, complete=False, smoke=a.smoke, gpu_tests=a.tests, versions=versions(device),
+                        settings=dict(batch_size=a.batch_size, image_size=a.image_size, workers_all=a.workers, cpus_usable=usable_cpus(),
+                                      cpu_count=os.cpu_count(), seconds=a.seconds, budget_s=a.budget_s, amp=str(self.amp_dtype),
+                                      grad_scaler=self.scaler_on, channels_last=self.cl, compile_backend=a.compile_backend,
+                                      images=len(self.samples), models=list(a.models)),
+                        gpu_pipeline=dict(strict_decode=True), pipeline_only={}, results={m: {'eager': {}, 'compile': {}} for m in a.models},
+                        decoded_by_measurement={}, skipped=[], targets=[])
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix('.tmp'); tmp.write_text(json.dumps(self.out, indent=1) + '\n'); tmp.replace(self.path)
+
+    def left(self) -> float: return self.a.budget_s - (time.monotonic() - self.t0)
+
+    def fits(self, what: str, cost_s: float) -> bool:
+        "True if `cost_s` more seconds fit the budget; else `what` is listed as skipped."
+        if self.left() >= cost_s: return True
+        self.out['skipped'].append(f"{what}: needs ~{cost_s:.0f} s, {max(self.left(), 0):.0f} s of the budget left"); self.save()
+        print(f"{what:44s}   skipped (time budget)", flush=True); return False
+
+    def record(self, where: dict, key: str, rate: float, label: str):
+        where[key] = round(rate, 1); self.save()
+        print(f"{label:44s} {rate:9.1f} images/s   ({self.left():.0f} s of the budget left)", flush=True)
+
+    # ---------------------------------------------------------------- loaders, one alive at a time
+    def loader(self, kind: str, workers: int):
+        "An endless iterator of training batches from the `kind` ('gpu' or 'cpu') pipeline with `workers` workers."
+        key = (kind, workers)
+        if key not in self.loaders:
+            self.close_loaders()
+            a, pin = self.a, self.device.type == 'cuda'
+            if kind == 'cpu':
+                dl = make_loader(ImageDataset(self.train, self.classes, build_train_transform(a.image_size)), a.batch_size, True, workers,
+                                 seed=0, pin_memory=pin, image_size=a.image_size)
+                pipe = None
+            else:   # as train.make_loaders builds it: strict decoding, channels-last, the threaded prefetcher
+                pipe = GPUBatchPipeline(True, self.device, a.image_size, self.resize, generator=make_generator(0), channels_last=self.cl,
+                                        strict_decode=True)
+                dl = DevicePrefetcher(make_byte_loader(ByteDataset(self.train, self.classes), a.batch_size, True, workers, seed=0), pipe, threaded=True)
+            self.loaders[key] = (endless(dl), pipe, dl)
+        return self.loaders[key]
+
+    def close_loaders(self):
+        for it, _, _ in self.loaders.values(): it.close()
+        self.loaders.clear(); gc.collect()
+
+    def decoded(self, pipe, before: Counter, label: str):
+        if pipe is not None: self.out['decoded_by_measurement'][label] = dict(pipe.decoded - before)
+
+    # ---------------------------------------------------------------- measurements
+    def pipeline_only(self, kind: str, workers: int, tag: str):
+        label = f"pipeline only: {kind}, {workers} workers"
+        if not self.fits(label, 3 * self.a.seconds + 10): return
+        it, pipe, _ = self.loader(kind, workers)
+        before = Counter(pipe.decoded) if pipe is not None else None
+        for _ in range(self.a.warmup): next(it)
+        sync(self.device); n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < self.a.seconds or n < 2 * self.a.batch_size:
+            xb, yb = next(it); n += len(yb)
+        sync(self.device)
+        self.decoded(pipe, before, label)
+        self.record(self.out['pipeline_only'], f"{kind}_{tag}", n / (time.perf_counter() - t), label)
+
+    def model(self, name: str, compiled: bool):
+        "A fresh backbone, optimizer and scaler as `train` sets them up (compiled with `--compile-backend` if asked)."
+        m = build_model(name, len(self.classes), pretrained=False)
+        m = m.to(self.device, memory_format=torch.channels_last) if self.cl else m.to(self.device)
+        fwd = torch.compile(m, backend=self.a.compile_backend) if compiled else m
+        return fwd, build_optimizer(fwd), amp_settings(self.device, True)[1]
+
+    def epoch(self, model, opt, scaler, batches) -> float:
+        "Images/s of one real `train_epoch` over `batches` (it ends with a host read of its sums: the device work is done)."
+        guard = StepGuard()
+        train_epoch(model, batches, nn.CrossEntropyLoss(), opt, self.device, 1, scaler=scaler, amp_dtype=self.amp_dtype, guard=guard,
+                    progress=False, channels_last=self.cl)
+        return guard.images / guard.seconds
+
+    def timed(self, model, opt, scaler, it) -> float:
+        "A warm-up epoch (compilation, cuDNN autotuning, the prefetch queue filling), then one of about `--seconds`."
+        warm = self.epoch(model, opt, scaler, Take(it, self.a.warmup))
+        return self.epoch(model, opt, scaler, Take(it, max(4, int(warm * self.a.seconds / self.a.batch_size))))
+
+    def train_epoch_rate(self, m: str, mode: str, source: str, workers: int = 0, tag: str = '', model=None):
+        label = f"{m} {mode}: {source}" + (f", {workers} workers" if workers else '')
+        cost = 3 * self.a.seconds + 15 + (0 if model is not None or mode == 'eager' else self.compile_estimate())
+        if not self.fits(label, cost): return model
+        t = time.monotonic()
+        model = model or self.model(m, mode == 'compile')
+        key = source if source == 'ceiling' else f"{source}_{tag}"
+        if source == 'ceiling':
+            xb = torch.randn(self.a.batch_size, 3, self.a.image_size, self.a.image_size, device=self.device)
+            xb = xb.contiguous(memory_format=torch.channels_last) if self.cl else xb
+            rate = self.timed(*model, itertools.repeat((xb, torch.randint(0, len(self.classes), (self.a.batch_size,), device=self.device))))
+        else:
+            it, pipe, _ = self.loader(source, workers)
+            before = Counter(pipe.decoded) if pipe is not None else None
+            rate = self.timed(*model, it)
+            self.decoded(pipe, before, label)
+        if mode == 'compile' and self.compile_s is None: self.compile_s = time.monotonic() - t   # the first compile prices the rest
+        self.record(self.out['results'][m][mode], key, rate, label)
+        return model
+
+    def compile_estimate(self) -> float: return 1.5 * self.compile_s if self.compile_s is not None else 120.
+
+    # ---------------------------------------------------------------- the run
+    def probe(self) -> bool:
+        "The start-up check `auto` runs before trusting the GPU pipeline; False (and the reason recorded) if it fails."
+        why = probe_gpu_pipeline([p for p, _ in self.samples], self.device)
+        self.out['gpu_pipeline']['probe'] = why or 'passed'; self.save()
+        print(f"GPU pipeline start-up check: {why or 'passed'}", flush=True)
+        return why is None
+
+    def run(self):
+        a, first = self.a, self.a.models[0]
+        self.save()
+        gpu_ok = self.probe()
+        if not gpu_ok: self.out['skipped'].append("every GPU-pipeline measurement: the start-up check failed")
+        for kind, workers, tag in (('gpu', a.workers, 'all'), ('gpu', 2, '2w'), ('cpu', a.workers, 'all'), ('cpu', 2, '2w')):
+            if kind == 'cpu' or gpu_ok:
+                self.pipeline_only(kind, workers, tag)
+                if (kind, tag) == ('gpu', 'all'):
+                    for m in a.models: self.train_epoch_rate(m, 'eager', 'gpu', workers, tag)
+                elif first == 'mobilenet_v2': self.train_epoch_rate(first, 'eager', kind, workers, tag)
+        self.close_loaders()
+        for m in a.models: self.train_epoch_rate(m, 'eager', 'ceiling')
+        for m in a.models:   # compiles last: the most expensive, and the first to go when time runs out
+            model = self.train_epoch_rate(m, 'compile', 'ceiling')
+            if gpu_ok: self.train_epoch_rate(m, 'compile', 'gpu', a.workers, 'all', model=model)
+            del model; gc.collect()
+        self.close_loaders()
+        self.summarise(); self.out['complete'] = True; self.save()
+        print(f"wrote {self.path}")
+
+    def summarise(self):
+        "Which pipeline was measured, the targets, and a table."
+        d = sum((Counter(v) for k, v in self.out['decoded_by_measurement'].items()), Counter())
+        g = self.out['gpu_pipeline']; g['decoded'] = dict(d)
+        total = sum(d.values())
+        g['measured'] = ('not measured' if not total else f"{self.device.type} decoder: {100 * d['device'] / total:.1f} % of the images, "
+                         f"the workers' CPU {100 * d['cpu'] / total:.1f} %, PIL after a device failure {100 * d['pil'] / total:.1f} %, skipped {d['skipped']}")
+        res = self.out['results']
+        get = lambda k: res.get(k[0], {}).get(k[1], {}).get(k[2])
+        for name, num, den, thr in TARGETS:
+            v = get(num) if den is None else (get(num) / get(den) if get(num) and get(den) else None)
+            self.out['targets'].append(dict(target=name, value=None if v is None else round(v, 3), threshold=thr,
+                                            met=None if v is None or self.a.smoke else bool(v >= thr)))
+        print(f"\n{self.out['device']}, batch {self.a.batch_size}, {self.a.image_size} px, amp {self.out['settings']['amp']}, "
+              f"{self.a.workers} usable cores" + ('   (SMOKE RUN: the numbers mean nothing)' if self.a.smoke else ''))
+        print(f"GPU pipeline: probe {g.get('probe')}, strict decoding; measured: {g['measured']}")
+        if self.a.tests: print(f"GPU tests: {self.a.tests}")
+        cols = ('ceiling', 'gpu_all', 'gpu_2w', 'cpu_all', 'cpu_2w')
+        print(f"{'images/s':26s}" + ''.join(f"{c:>10s}" for c in cols))
+        for m, modes in res.items():
+            for mode, r in modes.items():
+                if r: print(f"{m + ' ' + mode:26s}" + ''.join(f"{r[c]:10.0f}" if c in r else f"{'-':>10s}" for c in cols))
+        po = self.out['pipeline_only']
+        print("pipeline only: " + ', '.join(f"{k} {v:.0f}" for k, v in po.items()))
+        for t in self.out['targets']:
+            verdict = 'smoke run' if self.a.smoke else 'not measured' if t['met'] is None else 'met' if t['met'] else 'MISSED'
+            print(f"  target {t['target']:58s} {'-' if t['value'] is None else t['value']:>10}  {verdict}")
+        for s in self.out['skipped']: print(f"  skipped: {s}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--src', required=True, help='the Food-101 sample (holds food-101/images) or an ImageFolder tree')
     p.add_argument('--out', required=True, help='folder for <device>-<date>.json (rewritten after every measurement)')
-    p.add_argument('--seconds', type=float, default=10, help='wall time per measurement')
+    p.add_argument('--seconds', type=float, help='length of each timed epoch (default 4; smoke 0.2)')
+    p.add_argument('--budget-s', type=float, default=330, help='wall-time budget of the whole run (measurements that would not fit are skipped)')
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS)
-    p.add_argument('--batch-size', type=int, default=256); p.add_argument('--image-size', type=int, default=224)
-    p.add_argument('--warmup', type=int, default=3); p.add_argument('--workers', type=int, default=os.cpu_count())
-    p.add_argument('--epoch-images', type=int, default=200_000, help='length of the repeated training list')
-    p.add_argument('--device', default='cuda'); p.add_argument('--compile', action='store_true')
+    p.add_argument('--batch-size', type=int, help='default 256; smoke 4'); p.add_argument('--image-size', type=int, help='default 224; smoke 32')
+    p.add_argument('--warmup', type=int, help='batches of the warm-up epoch before each timed one (default 5; smoke 1)')
+    p.add_argument('--workers', type=int, help='"all usable cores": default len(os.sched_getaffinity(0)); smoke 1')
+    p.add_argument('--epoch-images', type=int, help='length of the repeated training list (default 200,000; smoke 400)')
+    p.add_argument('--device', help='default cuda; smoke cpu'); p.add_argument('--compile-backend', help='default inductor; smoke eager')
+    p.add_argument('--tests', default=None, help="the GPU tests' outcome, recorded in the JSON (gpu_check.sh passes it)")
+    p.add_argument('--smoke', action='store_true', help='CPU, tiny sizes, a fraction of a second per measurement, compile with the eager backend')
     a = p.parse_args(argv)
+    defaults = dict(seconds=0.2, batch_size=4, image_size=32, warmup=1, workers=1, epoch_images=400, device='cpu', compile_backend='eager') if a.smoke \
+        else dict(seconds=4, batch_size=256, image_size=224, warmup=5, workers=usable_cpus(), epoch_images=200_000, device='cuda', compile_backend='inductor')
+    for k, v in defaults.items():
+        if getattr(a, k) is None: setattr(a, k, v)
     device = torch.device(a.device)
-    if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit("no CUDA device: run on a GPU machine, or pass --device cpu")
-    if device.type == 'cuda': torch.backends.cudnn.benchmark = True   # as train_epoch does
-    samples, classes = sample_list(Path(a.src))
-    train = (samples * -(-a.epoch_images // len(samples)))[:max(a.epoch_images, a.batch_size * (a.warmup + 8))]
-    dtype, pin, resize = amp_dtype(device), device.type == 'cuda', round(a.image_size * 256 / 224)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    date = datetime.date.today().isoformat()
-    path = Path(a.out) / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{date}.json"
-    out = dict(device=name, date=date, complete=False, results={m: {} for m in a.models}, pipeline_only={}, train_epoch={},
-               versions=versions(device),
-               settings=dict(batch_size=a.batch_size, image_size=a.image_size, workers_all=a.workers, cpu_count=os.cpu_count(),
-                             seconds=a.seconds, warmup=a.warmup, amp=str(dtype), channels_last=True, compile=a.compile,
-                             prefetcher='threaded', images=len(samples), smoke=device.type != 'cuda'))
-    def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix('.tmp'); tmp.write_text(json.dumps(out, indent=1) + '\n'); tmp.replace(path)
-    def record(where: dict, key, rate, label):
-        where[key] = round(rate, 1); save()
-        print(f"{label:40s} {rate:9.1f} images/s", flush=True)
-
-    def cpu_batches(workers):
-        return make_loader(ImageDataset(train, classes, build_train_transform(a.image_size)), a.batch_size, True, workers,
-                           seed=0, pin_memory=pin, image_size=a.image_size)
-    def gpu_batches(workers):
-        pipe = GPUBatchPipeline(True, device, a.image_size, resize, generator=make_generator(0), channels_last=True)
-        return DevicePrefetcher(make_byte_loader(ByteDataset(train, classes), a.batch_size, True, workers, seed=0, pin_memory=pin), pipe, threaded=True)
-
-    save()
-    # the pipeline alone: the prefetcher loop with no model (an upper bound for any backbone)
-    for key, workers in (('all_workers', a.workers), ('2workers', 2)):
-        loader = gpu_batches(workers)
-        record(out['pipeline_only'], key, steady_rate(endless(loader), lambda xb, yb: None, device, a.seconds, a.warmup),
-               f"pipeline only ({workers} workers)")
-        del loader; gc.collect()
-    steps = {m: make_train_step(m, len(classes), device, dtype, a.compile) for m in a.models}
-    configs = {'ceiling': lambda: None, 'gpu_pipeline': lambda: gpu_batches(a.workers), 'cpu_pipeline': lambda: cpu_batches(a.workers),
-               'gpu_pipeline_2workers': lambda: gpu_batches(2), 'cpu_pipeline_2workers': lambda: cpu_batches(2)}
-    for cname, make in configs.items():
-        loader = make()
-        for m in a.models:
-            src = synthetic(a.batch_size, device, len(classes), a.image_size) if loader is None else endless(loader)
-            record(out['results'][m], cname, steady_rate(src, steps[m], device, a.seconds, a.warmup), f"{m} {cname}")
-            del src; gc.collect()
-        del loader; gc.collect()
-    for m, r in out['results'].items():
-        r['ratios'] = {'gpu_over_ceiling': r['gpu_pipeline'] / r['ceiling'], 'gpu_over_cpu': r['gpu_pipeline'] / r['cpu_pipeline'],
-                       'gpu_2w_over_cpu_2w': r['gpu_pipeline_2workers'] / r['cpu_pipeline_2workers']}
-        print(f"{m:16s} gpu/ceiling {r['ratios']['gpu_over_ceiling']:.2f}  gpu/cpu {r['ratios']['gpu_over_cpu']:.2f}  "
-              f"gpu_2w/cpu_2w {r['ratios']['gpu_2w_over_cpu_2w']:.2f}")
-    save()
-    # the real training loop on the GPU pipeline, for the first backbone: what `nutrilearn-train` users get
-    m = a.models[0]
-    ceiling = out['results'][m]['ceiling']
-    n_batches = max(8, int(min(out['results'][m]['gpu_pipeline'], ceiling) * a.seconds / a.batch_size))
-    model = build_model(m, len(classes), pretrained=False).to(device, memory_format=torch.channels_last)
-    if a.compile: model = torch.compile(model)
-    opt, scaler = build_optimizer(model), (torch.amp.GradScaler('cuda') if dtype == torch.float16 else None)
-    pipe = GPUBatchPipeline(True, device, a.image_size, resize, generator=make_generator(0), channels_last=True)
-    pf = DevicePrefetcher(make_byte_loader(ByteDataset(train[:n_batches * a.batch_size], classes), a.batch_size, True, a.workers,
-                                           seed=0, pin_memory=pin), pipe, threaded=True)
-    def run(epoch):
-        guard = StepGuard()
-        train_epoch(model, pf, nn.CrossEntropyLoss(), opt, device, epoch, scaler=scaler, amp_dtype=dtype, guard=guard,
-                    progress=False, channels_last=device.type == 'cuda')
-        return guard.images / guard.seconds   # train_epoch ends with a host read of its sums: the GPU work is done
-    run(1)   # warm-up epoch: worker start (they persist), cuDNN autotuning, compilation
-    sync(device)
-    out['train_epoch'] = dict(model=m, batches=n_batches, workers=a.workers)
-    record(out['train_epoch'], 'images_per_s', run(2), f"{m} train_epoch (gpu pipeline, {a.workers} workers)")
-    out['train_epoch']['over_ceiling'] = round(out['train_epoch']['images_per_s'] / ceiling, 3)
-    out['complete'] = True; save()
-    print(f"wrote {path}")
+    if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit("no CUDA device: run on a GPU machine, or pass --smoke")
+    Bench(a, device).run()
     return 0
 
 

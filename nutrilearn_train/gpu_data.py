@@ -5,6 +5,7 @@
 # %% ../nbs/01a_gpu_data.ipynb #29939c65
 from __future__ import annotations
 import math, os, queue, re, threading, warnings
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -26,7 +27,8 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, MAX_IMAGE_PIXELS, RE
 # %% auto #0
 __all__ = ['BATCHED_DECODE', 'PROBE_TOLERANCE', 'jpeg_header', 'device_decodable', 'read_image_bytes', 'ByteDataset', 'ByteBatch',
            'collate_bytes', 'to_device', 'warn_once', 'decode_items', 'sample_crop_boxes', 'pad_images', 'crop_resize',
-           'crop_resize_groups', 'flip_batch', 'color_jitter_batch', 'val_geometry', 'resize_center_crop',
+           'shape_groups', 'chunk_inverse', 'chunk_rois', 'chunk_sizes', 'crop_resize_groups', 'flip_batch',
+           'jitter_coefficients', 'color_jitter_batch', 'val_geometry', 'resize_center_crop', 'norm_constants',
            'normalize_batch', 'sample_train_params', 'GPUBatchPipeline', 'make_byte_loader', 'get_gpu_data_loaders',
            'compare_outputs', 'probe_gpu_pipeline', 'DevicePrefetcher']
 
@@ -41,33 +43,127 @@ def _exif_orientation(tiff) -> int:
         if u(ifd + 2 + 12 * e, 2) == 0x0112: return u(ifd + 2 + 12 * e + 8, 2)
     return 1
 
+# %% ../nbs/01a_gpu_data.ipynb #fe9fdbf6
+def _huffman_ok(seg:bytes, info:dict) -> bool:
+    "Record a DHT segment's tables in `info['huff']`; False if one is malformed (libjpeg: 'Bogus Huffman table definition')."
+    p = 0
+    while p < len(seg):
+        counts = seg[p + 1:p + 17]
+        tc, th, n = seg[p] >> 4, seg[p] & 15, sum(counts)
+        if len(counts) < 16 or tc > 1 or th > 3 or n > 256 or p + 17 + n > len(seg): return False
+        last, code = max((l for l, c in enumerate(counts, 1) if c), default=0), 0
+        for l, c in enumerate(counts[:last], 1):   # canonical codes: no more codes of up to l bits than l bits hold
+            code += c
+            if code >= 1 << l: return False
+            code <<= 1
+        if tc == 0 and max(seg[p + 17:p + 17 + n], default=0) > 15: return False   # a DC symbol is a bit count
+        info['huff'].add((tc, th)); p += 17 + n
+    return True
+
+def _quant_ok(seg:bytes, info:dict) -> bool:
+    "Record a DQT segment's tables in `info['quant']`; False if one is malformed."
+    p = 0
+    while p < len(seg):
+        pq, tq = seg[p] >> 4, seg[p] & 15
+        if pq > 1 or tq > 3 or p + 1 + 64 * (pq + 1) > len(seg): return False
+        info['quant'].add(tq); p += 1 + 64 * (pq + 1)
+    return True
+
+# %% ../nbs/01a_gpu_data.ipynb #b1778fcc
+def _frame_ok(m:int, seg:bytes, info:dict) -> bool:
+    "Record a frame header (SOFn): coding, size, components; False if it is malformed or not the first."
+    nf = seg[5] if len(seg) > 5 else 0
+    if 'sof' in info or nf == 0 or len(seg) != 6 + 3 * nf: return False
+    comps = {seg[6 + 3 * i]: (seg[7 + 3 * i], seg[8 + 3 * i]) for i in range(nf)}   # id: (sampling factors, quant table)
+    info.update(sof=m - 0xC0, precision=seg[0], height=int.from_bytes(seg[1:3], 'big'), width=int.from_bytes(seg[3:5], 'big'),
+                channels=nf, ids=tuple(seg[6::3][:nf]), comps=comps)
+    return len(comps) == nf and all(1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4 and tq <= 3 for hv, tq in comps.values())
+
+def _scan_ok(seg:bytes, info:dict) -> bool:
+    "Check a scan header (SOS) against the frame and the tables defined before it (libjpeg's fatal checks)."
+    ns = seg[0] if seg else 0
+    if 'sof' not in info or not 1 <= ns <= 4 or len(seg) != 4 + 2 * ns: return False
+    ss, se, ah, al = seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns] >> 4, seg[3 + 2 * ns] & 15
+    prog = info['sof'] == 2
+    if prog and ((ss == 0) != (se == 0) or se < ss or se > 63 or (ss and ns != 1) or (ah and al != ah - 1) or al > 13): return False
+    for c, t in zip(seg[1:1 + 2 * ns:2], seg[2:2 + 2 * ns:2]):
+        if c not in info['comps'] or info['comps'][c][1] not in info['quant']: return False
+        need = [(0, t >> 4)] * (not prog or (ss == 0 and ah == 0)) + [(1, t & 15)] * (not prog or ss > 0)
+        if not all(k in info['huff'] for k in need): return False
+    return True
+
+# %% ../nbs/01a_gpu_data.ipynb #79037ccd
+_UNCHECKED = set(range(0xE0, 0xF0)) | set(range(0xF0, 0xFE)) | {0xCC, 0xDC, 0xFE}   # APPn, JPGn, DAC, DNL, COM
+
+def _segment(data, pos:int, info:dict) -> Optional[int]:
+    "Check the marker segment at `pos`, recording what it defines in `info`; the position after it, or None if malformed."
+    m, n = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], 'big')
+    seg = bytes(data[pos + 4:pos + 2 + n])
+    if n < 2 or len(seg) != n - 2: return None
+    if m == 0xC4: ok = _huffman_ok(seg, info)
+    elif m == 0xDB: ok = _quant_ok(seg, info)
+    elif m == 0xDA: ok = _scan_ok(seg, info)
+    elif m == 0xDD: ok, info['restart'] = n == 4, int.from_bytes(seg[:2], 'big')
+    elif m in _UNCHECKED:
+        ok = True
+        if m == 0xE1 and seg[:6] == b'Exif\0\0': info['orientation'] = _exif_orientation(seg[6:])
+        elif m == 0xE0 and seg[:5] == b'JFIF\0': info['jfif'] = True
+        elif m == 0xEE and seg[:5] == b'Adobe' and len(seg) >= 12: info['adobe'] = seg[11]   # its colour transform
+    elif 0xC0 <= m <= 0xCF and m != 0xC8: ok = _frame_ok(m, seg, info)
+    else: ok = False   # a reserved marker: libjpeg stops ("Unsupported marker type")
+    return pos + 2 + n if ok else None
+
 # %% ../nbs/01a_gpu_data.ipynb #64570273
-def jpeg_header(data:bytes # the file's bytes
-               ) -> Optional[dict]:
-    "`{'sof', 'precision', 'height', 'width', 'channels', 'orientation'}` of a JPEG, or None if `data` is not one."
+def _walk_header(data) -> Optional[dict]:
+    "Everything the segments before the first scan define, with `scan`: where its data starts; None if any is malformed."
     if bytes(data[:3]) != b'\xff\xd8\xff': return None
-    pos, info = 2, {'orientation': 1}
+    pos, info = 2, dict(orientation=1, huff=set(), quant=set(), restart=0)
     while pos + 4 <= len(data):
         if data[pos] != 0xFF: return None
         m = data[pos + 1]
-        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD8: pos += 1 if m == 0xFF else 2; continue  # fill/standalone markers
-        n = int.from_bytes(data[pos + 2:pos + 4], 'big')
-        seg = data[pos + 4:pos + 2 + n]
-        if m == 0xE1 and bytes(seg[:6]) == b'Exif\0\0': info['orientation'] = _exif_orientation(seg[6:])
-        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) and len(seg) >= 6:
-            info.update(sof=m - 0xC0, precision=seg[0], height=int.from_bytes(seg[1:3], 'big'),
-                        width=int.from_bytes(seg[3:5], 'big'), channels=seg[5])
-        elif m == 0xDA: return info if 'sof' in info else None
-        pos += 2 + n
+        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD7: pos += 1 if m == 0xFF else 2; continue   # fill, standalone markers
+        pos = _segment(data, pos, info)
+        if pos is None: return None
+        if m == 0xDA:
+            ids = 0 if info['ids'] == (82, 71, 66) else 1   # without JFIF or Adobe markers libjpeg goes by the component ids
+            info.update(scan=pos, rgb=info['channels'] == 3 and 'jfif' not in info and info.get('adobe', ids) == 0)
+            return info
     return None
+
+def jpeg_header(data:bytes # the file's bytes
+               ) -> Optional[dict]:
+    "`{'sof', 'precision', 'height', 'width', 'channels', 'orientation', 'rgb'}` of a JPEG whose header is well formed, else None."
+    h = _walk_header(data)
+    return None if h is None else {k: h[k] for k in ('sof', 'precision', 'height', 'width', 'channels', 'orientation', 'rgb')}
+
+# %% ../nbs/01a_gpu_data.ipynb #654d2916
+_MARKER = re.compile(rb'\xff[^\x00\xff]')   # inside scan data 0xFF is stuffed (0xFF00), fill (0xFFFF) or a marker
+
+def _scans_ok(data, info:dict) -> bool:
+    "True if the scan data after `info['scan']` holds only restart markers in order, tables and scan headers between scans, then EOI."
+    pos, rst = info['scan'], 0
+    while (m := _MARKER.search(data, pos)) is not None:
+        pos, code = m.start(), data[m.start() + 1]
+        if 0xD0 <= code <= 0xD7:
+            if not info['restart'] or code != 0xD0 + rst: return False
+            rst, pos = (rst + 1) % 8, pos + 2; continue
+        if code == 0xD9: return True
+        if info['sof'] != 2: return False   # sequential: one scan, then EOI
+        while True:                         # progressive: tables, then the next scan header
+            if pos + 4 > len(data) or data[pos] != 0xFF: return False
+            code = data[pos + 1]
+            if code == 0xFF: pos += 1; continue
+            if (pos := _segment(data, pos, info)) is None: return False
+            if code == 0xDA: break
+        rst = 0
+    return False
 
 # %% ../nbs/01a_gpu_data.ipynb #b22d771b
 def device_decodable(data:bytes, max_pixels:int=MAX_IMAGE_PIXELS) -> bool:
-    "True if `data` is a JPEG that `decode_jpeg` decodes on any device exactly as `load_image` would."
-    h = jpeg_header(data)
-    return (h is not None and h['sof'] in (0, 1, 2) and h['precision'] == 8 and h['channels'] in (1, 3)
-            and not 2 <= h['orientation'] <= 8 and 0 < h['height'] * h['width'] <= max_pixels
-            and b'\xff\xd9' in bytes(data[-1024:]))
+    "True if `data` is an intact JPEG that `decode_jpeg` decodes on any device as `load_image` would."
+    h = _walk_header(data)
+    return (h is not None and h['sof'] in (0, 1, 2) and h['precision'] == 8 and h['channels'] in (1, 3) and not h['rgb']
+            and not 2 <= h['orientation'] <= 8 and 0 < h['height'] * h['width'] <= max_pixels and _scans_ok(data, h))
 
 # %% ../nbs/01a_gpu_data.ipynb #4a2e33cf
 def read_image_bytes(path:Union[str, os.PathLike], # image file
@@ -144,36 +240,43 @@ def _decode_jpeg(x, device):
     return decode_jpeg(x, mode=ImageReadMode.RGB, device=device)
 
 # %% ../nbs/01a_gpu_data.ipynb #88a1f32f
-def _decode_each(items:list, paths:list, device, cause:Optional[Exception]=None, strict:bool=False) -> list:
+def _decode_each(items:list, paths:list, device, cause:Optional[Exception]=None, strict:bool=False,
+                 counts:Optional[Counter]=None) -> list:
     "Decode `items` one by one on `device`, else with `load_image`; warn once (or raise) if the device decoder itself is broken."
-    out, failed, rescued = [], 0, 0
+    out, failed, rescued, counts = [], 0, [], Counter() if counts is None else counts
     for x, path in zip(items, paths):
-        try: out.append(_decode_jpeg(x, device)); continue
+        try: out.append(_decode_jpeg(x, device)); counts['device'] += 1; continue
         except RuntimeError as e: failed, cause = failed + 1, e
-        try: out.append(to_device(pil_to_tensor(load_image(bytes(x.numpy()))), device)); rescued += 1
-        except BadImageError as e: warnings.warn(f"skipping bad image {path}: {e.reason}"); out.append(None)
-    if not (failed == len(items) > 1 and rescued): return out   # some images decoded on the device: the images were at fault
-    why = f"the {torch.device(device).type} JPEG decoder failed on every image of a batch that PIL decodes ({type(cause).__name__}: {cause})"
+        try: out.append(to_device(pil_to_tensor(load_image(bytes(x.numpy()))), device)); rescued.append((path, cause)); counts['pil'] += 1
+        except BadImageError as e: warnings.warn(f"skipping bad image {path}: {e.reason}"); out.append(None); counts['skipped'] += 1
+    dev = torch.device(device).type
+    if not (failed == len(items) > 1 and rescued):   # some images decoded on the device: the images were at fault
+        for path, e in rescued: warnings.warn(f"decoded {path} with PIL on the CPU: the {dev} JPEG decoder rejected it ({type(e).__name__}: {e})")
+        return out
+    why = f"the {dev} JPEG decoder failed on every image of a batch that PIL decodes ({type(cause).__name__}: {cause})"
     if strict: raise RuntimeError(f"{why}; use --data-pipeline cpu (or auto, which falls back by itself)")
-    warn_once(f'decode-{torch.device(device).type}', f"{why}; decoding with PIL on the CPU instead (slower)")
+    warn_once(f'decode-{dev}', f"{why}; decoding with PIL on the CPU instead (slower)")
     return out
 
 def decode_items(items:list, # uint8 tensors: 1-D encoded JPEG or [3, H, W] image
                  paths:list, # file of each item (for warnings)
                  device:Union[str, torch.device]='cpu',
-                 strict:bool=False) -> tuple[list, list]: # raise, rather than warn, when the device decoder is broken
+                 strict:bool=False, # raise, rather than warn, when the device decoder is broken
+                 counts:Optional[Counter]=None) -> tuple[list, list]: # adds images per path: device, cpu, pil, skipped
     "`(images, kept)`: [3, H, W] uint8 images on `device` and the indices of the items that decoded."
+    counts = Counter() if counts is None else counts
     out = [to_device(x, device) if x.dim() == 3 else None for x in items]
     enc = [i for i, x in enumerate(items) if x.dim() == 1]
+    counts['cpu'] += len(items) - len(enc)
     if enc:
         xs, ps = [items[i] for i in enc], [paths[i] for i in enc]
         if not BATCHED_DECODE:
             warn_once('unbatched', f"torchvision {torchvision.__version__} cannot decode a batch of JPEGs in one call; "
                                    "upgrade to torchvision>=0.19 (decoding image by image until then, slower)")
-            dec = _decode_each(xs, ps, device, strict=strict)
+            dec = _decode_each(xs, ps, device, strict=strict, counts=counts)
         else:
-            try: dec = _decode_jpeg(xs, device)
-            except RuntimeError as e: dec = _decode_each(xs, ps, device, e, strict)
+            try: dec = _decode_jpeg(xs, device); counts['device'] += len(dec)
+            except RuntimeError as e: dec = _decode_each(xs, ps, device, e, strict, counts)
         for i, im in zip(enc, dec): out[i] = im
     kept = [i for i, im in enumerate(out) if im is not None]
     return [out[i] for i in kept], kept
@@ -232,22 +335,70 @@ def crop_resize(padded:Tensor, # [B, 3, H, W] batch from `pad_images`
     return roi_align(padded.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 # %% ../nbs/01a_gpu_data.ipynb #b770b086
+def shape_groups(shapes:Sequence,         # (height, width) of each image
+                 max_elements:int=2**27,  # floats per chunk (2**27: 512 MiB)
+                 min_group:int=1          # images of a shape shared by fewer go into mixed, padded chunks
+                ) -> list:
+    "Chunks of image indices: one shape each (groups of `min_group` or more), then the rest sorted by shape; each at most `max_elements` floats."
+    groups, out, rest = {}, [], []
+    for i, s in enumerate(shapes): groups.setdefault(tuple(s), []).append(i)
+    for (h, w), idx in groups.items():
+        if len(idx) < min_group: rest += idx; continue
+        step = max(1, max_elements // (3 * h * w))   # a group of large photos is converted to float a chunk at a time
+        out += [idx[s:s + step] for s in range(0, len(idx), step)]
+    chunk, H, W = [], 0, 0
+    for i in sorted(rest, key=lambda i: tuple(shapes[i])):   # padded to the chunk's largest height and width, plus the fringe
+        h, w = shapes[i]
+        if chunk and (len(chunk) + 1) * 3 * (max(H, h) + 1) * (max(W, w) + 1) > max_elements: out.append(chunk); chunk, H, W = [], 0, 0
+        chunk.append(i); H, W = max(H, h), max(W, w)
+    return out + ([chunk] if chunk else [])
+
+def chunk_inverse(chunks:list) -> Tensor:
+    "int64 [B]: where each image's result lands when the results of `chunks` are concatenated."
+    order = torch.tensor([i for c in chunks for i in c], dtype=torch.long)
+    inv = torch.empty_like(order); inv[order] = torch.arange(len(order))
+    return inv
+
+# %% ../nbs/01a_gpu_data.ipynb #022ece21
+def chunk_rois(chunks:list, boxes:Tensor # [B, 4] crops (top, left, height, width) in pixels
+              ) -> Tensor:
+    "float32 [B, 5] `roi_align` boxes in chunk order: index within its chunk, x1, y1, x2, y2."
+    b = boxes[torch.tensor([i for c in chunks for i in c], dtype=torch.long)].double()
+    local = torch.cat([torch.arange(len(c)) for c in chunks]).double()
+    return torch.stack([local, b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], 1).float()
+
+def chunk_sizes(chunks:list, shapes:Sequence) -> Tensor:
+    "float32 [B, 2]: (height, width) of each image, in chunk order."
+    return torch.tensor([tuple(shapes[i]) for c in chunks for i in c], dtype=torch.float32).reshape(-1, 2)
+
+def _stack(images:list, c:list, hw:Tensor) -> Tensor:
+    "Float [n, 3, H, W] of chunk `c`: a plain stack if its images share a shape, else zero-padded, each image's last column and row repeated once (`hw`: their sizes, on the device)."
+    if images[c[0]].shape == images[c[-1]].shape:   # chunks are sorted by shape
+        return (images[c[0]][None] if len(c) == 1 else torch.stack([images[i] for i in c])).float()
+    x = images[c[0]].new_zeros(len(c), 3, max(images[i].shape[1] for i in c) + 1, max(images[i].shape[2] for i in c) + 1)
+    for b, i in enumerate(c): x[b, :, :images[i].shape[1], :images[i].shape[2]] = images[i]
+    b, h, w = torch.arange(len(c), device=x.device), hw[:, 0].long(), hw[:, 1].long()
+    x[b, :, :, w] = x[b, :, :, w - 1]; x[b, :, h, :] = x[b, :, h - 1, :]   # fringe column (every row), then row (with the corner)
+    return x.float()
+
+def _crop_chunks(images:list, chunks:list, rois:Tensor, hw:Tensor, size:int) -> Tensor:
+    "One `roi_align` per chunk; the results concatenated in chunk order (`rois`, `hw`: `chunk_rois`, `chunk_sizes` on the device)."
+    out, s = [], 0
+    for c in chunks:
+        out.append(roi_align(_stack(images, c, hw[s:s + len(c)]), rois[s:s + len(c)], (size, size), spatial_scale=1.0,
+                             sampling_ratio=-1, aligned=True)); s += len(c)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
 def crop_resize_groups(images:list,          # [3, H, W] uint8 images on one device
                        boxes:Tensor,         # [B, 4] crops (top, left, height, width) in pixels
                        size:int=IMAGE_SIZE,
-                       max_elements:int=2**27 # floats per roi_align call (2**27: 512 MiB)
-                      ) -> Tensor:
+                       max_elements:int=2**27, # floats per roi_align call (2**27: 512 MiB)
+                       min_group:int=4) -> Tensor: # images of rarer shapes are padded together
     "`crop_resize(pad_images(images), boxes, size)` without the canvas: one `roi_align` per image shape (chunked)."
-    dev, groups = images[0].device, {}
-    for i, im in enumerate(images): groups.setdefault(tuple(im.shape[1:]), []).append(i)
-    out = torch.empty(len(images), 3, size, size, device=dev)
-    for (h, w), idx in groups.items():
-        step = max(1, max_elements // (3 * (h + 1) * (w + 1)))
-        for s in range(0, len(idx), step):
-            part = idx[s:s + step]
-            x = F.pad(torch.stack([images[i] for i in part]).float(), (0, 1, 0, 1), mode='replicate')  # the repeated fringe
-            out[to_device(torch.tensor(part), dev)] = crop_resize(x, boxes[part], size)
-    return out
+    shapes, dev = [im.shape[1:] for im in images], images[0].device
+    chunks = shape_groups(shapes, max_elements, min_group)
+    x = _crop_chunks(images, chunks, *(to_device(t, dev) for t in (chunk_rois(chunks, boxes), chunk_sizes(chunks, shapes))), size)
+    return x.index_select(0, to_device(chunk_inverse(chunks), dev))
 
 # %% ../nbs/01a_gpu_data.ipynb #8b1183f3
 _GRAY = (0.2989, 0.587, 0.114)
@@ -257,20 +408,27 @@ def flip_batch(x:Tensor, flip:Tensor # bool [B]: mirror this sample
     "`x` [B, C, H, W] with the samples marked in `flip` mirrored left-right."
     return torch.where(to_device(flip, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
+def jitter_coefficients(factors:Tensor, # [B, 3] brightness, contrast, saturation factors
+                        order:Tensor    # [B, 3] a permutation of (0, 1, 2) per sample
+                       ) -> Tensor:
+    "float32 [3, 3, B]: for each step, `(f, c_mean, c_grey)` per sample, the step being `clamp(f·x + c_mean·mean(grey) + c_grey·grey)`."
+    f, op = factors.float().gather(1, order).T, order.T
+    return torch.stack([f, (1 - f) * (op == 1), (1 - f) * (op == 2)], 1)
+
+def _jitter(x:Tensor, coef:Tensor, gray:Tensor, bound:float=255.) -> Tensor:
+    "The three jitter steps of `coef` ([3, 3, B], on `x`'s device) applied to `x` [B, 3, H, W]; `gray`: [3] weights."
+    B, gray = len(x), gray.view(1, 3, 1, 1)
+    for f, cm, cg in coef.view(3, 3, B, 1, 1, 1):
+        g = (x * gray).sum(1, keepdim=True)
+        x = torch.addcmul(torch.addcmul(cm * g.mean((2, 3), keepdim=True), cg, g), f, x).clamp_(0, bound)
+    return x
+
 def color_jitter_batch(x:Tensor,       # [B, 3, H, W] float in [0, bound]
                        factors:Tensor, # [B, 3] brightness, contrast, saturation factors
                        order:Tensor,   # [B, 3] a permutation of (0, 1, 2) per sample
                        bound:float=255.) -> Tensor:
     "torchvision's brightness, contrast and saturation adjustments with per-sample factors and order."
-    B = len(x); factors, order = to_device(factors.to(x.dtype), x.device), to_device(order, x.device)
-    gw = to_device(torch.tensor(_GRAY, dtype=x.dtype), x.device).view(1, 3, 1, 1)
-    for k in range(3):
-        op = order[:, k].view(B, 1, 1, 1)
-        f = factors.gather(1, order[:, k:k + 1]).view(B, 1, 1, 1)
-        gray = (x * gw).sum(1, keepdim=True)
-        target = torch.where(op == 0, 0., torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
-        x = (f * x + (1 - f) * target).clamp(0, bound)
-    return x
+    return _jitter(x, to_device(jitter_coefficients(factors, order).to(x.dtype), x.device), to_device(torch.tensor(_GRAY, dtype=x.dtype), x.device), bound)
 
 # %% ../nbs/01a_gpu_data.ipynb #25c89322
 def val_geometry(height:int, width:int, size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE) -> tuple:
@@ -279,29 +437,34 @@ def val_geometry(height:int, width:int, size:int=IMAGE_SIZE, resize:int=RESIZE_S
     else: nh, nw = resize, int(resize * width / height)
     return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
 
+def _resize_chunks(images:list, chunks:list, size:int, resize:int) -> Tensor:
+    "Each chunk (a stack of same-shape images) resized and centre-cropped; the results concatenated in chunk order."
+    out = []
+    for c in chunks:
+        nh, nw, top, left = val_geometry(*images[c[0]].shape[1:], size, resize)
+        x = (images[c[0]][None] if len(c) == 1 else torch.stack([images[i] for i in c])).float()
+        out.append(F.interpolate(x, (nh, nw), mode='bilinear', antialias=True, align_corners=False)[:, :, top:top + size, left:left + size])
+    return torch.cat(out) if len(out) > 1 else out[0]
+
 def resize_center_crop(images:list, # [3, H, W] uint8 images on one device
                        size:int=IMAGE_SIZE, resize:int=RESIZE_SIZE,
                        max_elements:int=2**27) -> Tensor: # floats per interpolate call (chunks of one shape group)
     "Float [B, 3, size, size] in [0, 255]: each image resized (short side `resize`, antialiased) and centre-cropped."
-    groups = {}
-    for i, im in enumerate(images): groups.setdefault(tuple(im.shape[1:]), []).append(i)
-    out = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for (h, w), idx in groups.items():
-        nh, nw, top, left = val_geometry(h, w, size, resize)
-        step = max(1, max_elements // (3 * h * w))   # a group of large photos is converted to float a chunk at a time
-        for s in range(0, len(idx), step):
-            part = idx[s:s + step]
-            x = F.interpolate(torch.stack([images[i] for i in part]).float(), (nh, nw), mode='bilinear', antialias=True, align_corners=False)
-            out[to_device(torch.tensor(part), out.device)] = x[:, :, top:top + size, left:left + size].round().clamp(0, 255)
-    return out
+    chunks = shape_groups([im.shape[1:] for im in images], max_elements)
+    x = _resize_chunks(images, chunks, size, resize).index_select(0, to_device(chunk_inverse(chunks), images[0].device))
+    return x.round_().clamp_(0, 255)
 
 # %% ../nbs/01a_gpu_data.ipynb #f3b85919
+def norm_constants(mean:Sequence=IMAGENET_MEAN, std:Sequence=IMAGENET_STD) -> tuple:
+    "`(scale, shift)`, float32 [3] each: `x·scale + shift` is `(x/255 − mean)/std`."
+    sd = torch.tensor(std, dtype=torch.float32)
+    return 1 / (255 * sd), -torch.tensor(mean, dtype=torch.float32) / sd
+
 def normalize_batch(x:Tensor, # [B, 3, H, W] float in [0, 255]
                     mean:Sequence=IMAGENET_MEAN, std:Sequence=IMAGENET_STD) -> Tensor:
     "`x` scaled to [0, 1] and normalised per channel."
-    sd = torch.tensor(std, dtype=x.dtype)
-    s, m = (to_device(v.view(1, 3, 1, 1), x.device) for v in (1 / (255 * sd), torch.tensor(mean, dtype=x.dtype) / sd))
-    return x.clamp(0, 255) * s - m
+    s, m = (to_device(v.to(x.dtype).view(1, 3, 1, 1), x.device) for v in norm_constants(mean, std))
+    return torch.addcmul(m, x.clamp(0, 255), s)
 
 # %% ../nbs/01a_gpu_data.ipynb #26f2a2d8
 def sample_train_params(sizes:Tensor, # int [B, 2] image (height, width)
@@ -317,6 +480,12 @@ def sample_train_params(sizes:Tensor, # int [B, 2] image (height, width)
     order = torch.rand(B, 3, generator=generator).argsort(1)
     return dict(boxes=boxes, fallback=fallback, flip=flip, factors=factors, order=order)
 
+# %% ../nbs/01a_gpu_data.ipynb #88affa41
+def _send(parts:list, device) -> list:
+    "The CPU tensors `parts` on `device` as float32, with one `to_device` copy: views of one buffer, shapes kept."
+    flat = torch.cat([p.reshape(-1).float() for p in parts])
+    return [v.view(p.shape) for v, p in zip(to_device(flat, device).split([p.numel() for p in parts]), parts)]
+
 # %% ../nbs/01a_gpu_data.ipynb #09f54439
 class GPUBatchPipeline:
     "Decode a batch of image bytes on `device`; augment it per sample (train) or resize and centre-crop it (val)."
@@ -331,7 +500,8 @@ class GPUBatchPipeline:
         self.train, self.device, self.image_size, self.resize = train, torch.device(device), image_size, resize
         self.mean, self.std, self.generator, self.channels_last = tuple(mean), tuple(std), generator, channels_last
         self.scale, self.ratio, self.flip_p, self.jitter, self.last_params = tuple(scale), tuple(ratio), flip_p, tuple(jitter), None
-        self.strict_decode = strict_decode
+        self.strict_decode, self.decoded = strict_decode, Counter()   # images decoded per path: device, cpu, pil, skipped
+        self._consts = [torch.tensor(_GRAY), *norm_constants(mean, std)]
 
     def reseed(self, seed:int):
         "Restart the random parameters from `seed` (call with `seed + epoch` for resumable runs)."
@@ -340,18 +510,31 @@ class GPUBatchPipeline:
     def __call__(self, batch:Union[ByteBatch, list], labels:Optional[Tensor]=None, paths:Optional[list]=None) -> tuple[Tensor, Tensor]:
         if isinstance(batch, tuple) and hasattr(batch, 'paths'): batch, labels, paths = batch.items(), batch.labels, batch.paths  # a ByteBatch
         labels = torch.as_tensor(labels if labels is not None else [-1] * len(batch), dtype=torch.long)
-        images, kept = decode_items(batch, paths or ['<bytes>'] * len(batch), self.device, self.strict_decode)
-        labels = to_device(labels[kept], self.device)
-        if not images: return torch.empty(0, 3, self.image_size, self.image_size, device=self.device), labels
-        x = self._augment(images) if self.train else resize_center_crop(images, self.image_size, self.resize)
-        x = normalize_batch(x, self.mean, self.std)
-        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), labels
+        images, kept = decode_items(batch, paths or ['<bytes>'] * len(batch), self.device, self.strict_decode, self.decoded)
+        if not images: return torch.empty(0, 3, self.image_size, self.image_size, device=self.device), to_device(labels[kept], self.device)
+        return (self._augment if self.train else self._resize)(images, labels[kept])
 
-    def _augment(self, images:list) -> Tensor:
+    def _augment(self, images:list, labels:Tensor) -> tuple:
         sizes = torch.tensor([tuple(im.shape[1:]) for im in images])
         p = self.last_params = sample_train_params(sizes, self.scale, self.ratio, self.flip_p, self.jitter, self.generator)
-        x = flip_batch(crop_resize_groups(images, p['boxes'], self.image_size), p['flip'])
-        return color_jitter_batch(x, p['factors'], p['order']) if any(self.jitter) else x
+        shapes = sizes.tolist(); chunks = shape_groups(shapes, min_group=4)
+        y, rois, hw, inv, flip, coef, gray, scale, shift = _send([labels, chunk_rois(chunks, p['boxes']), chunk_sizes(chunks, shapes), chunk_inverse(chunks),
+                                                                  p['flip'], jitter_coefficients(p['factors'], p['order']), *self._consts], self.device)
+        x = _crop_chunks(images, chunks, rois, hw, self.image_size).index_select(0, inv.long())
+        x = torch.where(flip.bool().view(-1, 1, 1, 1), x.flip(-1), x)
+        x = _jitter(x, coef, gray) if any(self.jitter) else x.clamp_(0, 255)
+        return self._normalize(x, scale, shift), y.long()
+
+    def _resize(self, images:list, labels:Tensor) -> tuple:
+        chunks = shape_groups([im.shape[1:] for im in images])
+        y, inv, _, scale, shift = _send([labels, chunk_inverse(chunks), *self._consts], self.device)
+        x = _resize_chunks(images, chunks, self.image_size, self.resize).index_select(0, inv.long()).round_().clamp_(0, 255)
+        return self._normalize(x, scale, shift), y.long()
+
+    def _normalize(self, x:Tensor, scale:Tensor, shift:Tensor) -> Tensor:
+        "`x·scale + shift` per channel, written straight into the output layout."
+        out = torch.empty_like(x, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return torch.addcmul(shift.view(1, 3, 1, 1), x, scale.view(1, 3, 1, 1), out=out)
 
     def __repr__(self): return f"GPUBatchPipeline(train={self.train}, device={self.device}, image_size={self.image_size}, resize={self.resize})"
 

@@ -1,5 +1,6 @@
 "Property tests (hypothesis) and real-data tests for `nutrilearn_train.gpu_data`, run on CPU tensors (same code path as CUDA)."
 import io, math, warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from unittest import mock
 from PIL import Image
 from scipy import stats
 from torchvision import transforms as T
@@ -15,12 +17,13 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import cuda_checks
 from nutrilearn_train.config import TrainingConfig, make_generator
-from nutrilearn_train.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_train_transform, build_val_transform,
-                                   get_data_loaders, load_image, set_loader_epoch)
+from nutrilearn_train.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BadImageError, build_train_transform,
+                                   build_val_transform, get_data_loaders, load_image, set_loader_epoch)
+from nutrilearn_train import gpu_data
 from nutrilearn_train.gpu_data import (ByteBatch, DevicePrefetcher, GPUBatchPipeline, collate_bytes, color_jitter_batch,
-                                       crop_resize, crop_resize_groups, decode_items, device_decodable, get_gpu_data_loaders,
-                                       jpeg_header, pad_images, probe_gpu_pipeline, read_image_bytes, resize_center_crop,
-                                       sample_crop_boxes, sample_train_params)
+                                       crop_resize, crop_resize_groups, decode_items, device_decodable, flip_batch,
+                                       get_gpu_data_loaders, jpeg_header, normalize_batch, pad_images, probe_gpu_pipeline,
+                                       read_image_bytes, resize_center_crop, sample_crop_boxes, sample_train_params)
 
 MINI = Path(__file__).parents[1].parent/'shared/data/food-101-mini'
 PROPS = settings(max_examples=100, deadline=None, derandomize=True)
@@ -54,10 +57,10 @@ def _as_item(data: bytes):
 
 @PROPS
 @given(st.integers(1, 300), st.integers(1, 300), st.sampled_from(['RGB', 'L', 'CMYK']), st.booleans(),
-       st.integers(0, 8), st.integers(20, 95))
-def test_jpeg_header_matches_pil(h, w, mode, progressive, orientation, quality):
-    "The marker walk reads the size, channel count, progressive flag and EXIF orientation PIL reads."
-    kw = dict(progressive=progressive, quality=quality)
+       st.integers(0, 8), st.integers(20, 95), st.booleans(), st.sampled_from([0, 1, 3]))
+def test_jpeg_header_matches_pil(h, w, mode, progressive, orientation, quality, keep_rgb, restart):
+    "The marker walk reads the size, channel count, progressive flag, EXIF orientation and RGB storage PIL reads."
+    kw = dict(progressive=progressive, quality=quality, keep_rgb=keep_rgb, restart_marker_blocks=restart)
     if orientation:
         ex = Image.Exif(); ex[0x0112] = orientation; kw['exif'] = ex.tobytes()
     data = _encode(_rand_image(h * w, h, w, mode), **kw)
@@ -66,7 +69,8 @@ def test_jpeg_header_matches_pil(h, w, mode, progressive, orientation, quality):
     assert hd['channels'] == len(im.getbands())
     assert hd['sof'] == (2 if progressive else 0)
     assert hd['orientation'] == (im.getexif().get(0x0112) or 1)
-    assert device_decodable(data) == (mode != 'CMYK' and not 2 <= orientation <= 8)
+    assert hd['rgb'] == (keep_rgb and mode == 'RGB')   # libjpeg skips the YCbCr conversion for these; nvjpeg would not
+    assert device_decodable(data) == (mode != 'CMYK' and not 2 <= orientation <= 8 and not hd['rgb'])
 
 
 @PROPS
@@ -490,3 +494,134 @@ def test_gpu_training_helper_runs_on_the_cpu(tmp_path):
     assert r['tags']['data_pipeline'] == 'cpu' and r['resumed_run']
     assert [h['epoch'] for h in r['resumed']['history']] == [1, 2] and r['resumed']['history'][:1] == r['first']['history']
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in r['checkpoint_keys'])
+
+
+# ---------------------------------------------------------------- issue 23: the GPU path, second pass
+
+def test_race_harness_sends_one_copy_and_reads_nothing_back():
+    "Item 1: the stress test's pipeline (meta device, fake decoder) makes one copy to the device and no read back; the old harness made two plain `.to()` copies, which the counter sees."
+    files = need_mini() and cuda_checks.mini_files(60)
+    bb = collate_bytes([(read_image_bytes(f), i, str(f)) for i, f in enumerate(files)])
+    with cuda_checks.decoder(cuda_checks.FakeDecoder()), cuda_checks.DeviceWork('meta') as w:
+        flat, shapes, labels = cuda_checks.DecodeOnly('meta')(bb)
+    assert (w.n['h2d'], w.n['host_reads']) == (1, 0) and shapes.shape == (len(files), 3) and labels.shape == (len(files),)
+    with cuda_checks.DeviceWork('meta') as w:
+        torch.tensor([[3, 4, 5]]).to('meta'); torch.tensor([0]).to('meta')
+    assert w.n['h2d'] == 2
+
+
+def _meta_batch(shapes):
+    "Meta-device images of `shapes`, and a fake decoder that hands them out."
+    ims = [torch.empty(3, h, w, dtype=torch.uint8, device='meta') for h, w in shapes]
+    return ims, lambda x, device: list(ims)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_a_batch_is_one_copy_and_a_few_launches_per_shape(train):
+    "Item 3: 64 Food-101-shaped images (3 shapes shared by 4 or more, 10 rarer ones): one copy to the device, no read back, and a launch count set by the shape groups, not the images: training ≈ 31 (21 of them the jitter) + 3 per group + one canvas for the 10 rare shapes (≈ 10 + 1 per image); validation ≈ 11 + 2 per shape."
+    shapes = [(512, 512)] * 40 + [(512, 384)] * 10 + [(384, 512)] * 4 + [(300 + i, 512) for i in range(10)]
+    ims, fake = _meta_batch(shapes)
+    pipe = GPUBatchPipeline(train, 'meta', generator=make_generator(0), channels_last=True)
+    with cuda_checks.decoder(fake), cuda_checks.DeviceWork('meta') as w:
+        xb, yb = pipe([torch.zeros(4, dtype=torch.uint8)] * len(shapes), torch.arange(len(shapes)))
+    chunks = gpu_data.shape_groups(shapes, min_group=4 if train else 1)
+    assert (len(chunks), w.n['h2d'], w.n['host_reads']) == (4 if train else 13, 1, 0)
+    assert w.n['ops'] <= (35 + 3 * len(chunks) + 10 + 10 if train else 15 + 2 * len(chunks)), dict(w.n)   # measured: 61, 37
+    assert xb.shape == (64, 3, 224, 224) and xb.is_contiguous(memory_format=torch.channels_last) and yb.dtype == torch.long
+
+
+@st.composite
+def mixed_batches(draw):
+    "2-24 decoded images whose shapes repeat (some shapes 4+ times, some once): every chunk kind of the training crop."
+    pool = draw(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=5))
+    shapes = draw(st.lists(st.sampled_from(pool), min_size=2, max_size=24))
+    g = make_generator(draw(st.integers(0, 2**31)))
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+
+
+@PROPS
+@given(mixed_batches(), st.integers(1, 24), st.booleans(), st.integers(0, 2**31))
+def test_fast_pipeline_equals_the_plain_composition(ims, size, train, seed):
+    "Item 3: the grouped, packed pipeline returns what the public steps return on the same draws: training = pad_images + crop_resize + flip_batch + color_jitter_batch + normalize_batch; validation = resize_center_crop image by image + normalize_batch."
+    pipe = GPUBatchPipeline(train, 'cpu', image_size=size, resize=size + 3, generator=make_generator(seed))
+    xb, yb = pipe(ims, torch.arange(len(ims)) * 7)
+    if train:
+        p = pipe.last_params
+        ref = color_jitter_batch(flip_batch(crop_resize(pad_images(ims), p['boxes'], size), p['flip']), p['factors'], p['order'])
+    else: ref = torch.cat([resize_center_crop([im], size, size + 3) for im in ims])
+    torch.testing.assert_close(xb, normalize_batch(ref), atol=2e-4, rtol=0)
+    assert yb.tolist() == [7 * i for i in range(len(ims))]
+
+
+def _small_photos(n=6):
+    "`n` Food-101 photos shrunk to 160x120 (fast to decode), as PIL images."
+    return [load_image(f).resize((160, 120)) for f in cuda_checks.mini_files(100)[:n]]
+
+
+def test_damaged_jpegs_pil_rejects_never_reach_the_device():
+    "Item 5: 1,800 JPEGs damaged at random (a few bytes in the header or the scan data; baseline, progressive, restart markers): every one PIL rejects goes to the CPU, where it is skipped as the CPU pipeline skips it."
+    need_mini()
+    rng, rejected, leaked = np.random.default_rng(0), 0, []
+    for k, im in enumerate(_small_photos()):
+        for kw in (dict(), dict(progressive=True), dict(restart_marker_blocks=2)):
+            good = _encode(im, **kw); scan = gpu_data._walk_header(good)['scan']
+            for where in ('header', 'scan'):
+                for _ in range(50):
+                    b = bytearray(good)
+                    pos = int(rng.integers(2, scan)) if where == 'header' else int(rng.integers(scan, len(b) - 2))
+                    b[pos:pos + 3] = rng.integers(0, 256, len(b[pos:pos + 3]), dtype=np.uint8).tobytes()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter('ignore')
+                        try: load_image(bytes(b)); continue
+                        except BadImageError: rejected += 1
+                    if device_decodable(bytes(b)): leaked.append((k, kw, where, pos))
+    assert rejected >= 100 and not leaked, (rejected, leaked[:5])
+
+
+def test_special_and_damaged_files_get_the_cpu_pipelines_verdict(tmp_path):
+    "Item 5: RGB-stored, CMYK, rotated, damaged files ... through the GPU path with a device decoder that never fails (nvjpeg's worst case): skipped exactly when PIL rejects them, intact ones equal to PIL's output; with the old routing (start and end markers only) the check fails."
+    corpus = cuda_checks.special_jpegs(tmp_path, need_mini() and cuda_checks.mini_files()[0])
+    assert {k for _, k in corpus} >= {'rgb', 'rgb-ids', 'cmyk', 'rejected', 'damaged', 'restart', 'progressive'}
+    with cuda_checks.decoder(cuda_checks.lenient_decode): assert cuda_checks.decode_parity(corpus, 'cpu') == []
+    weak = lambda data, max_pixels=0: bytes(data[:3]) == b'\xff\xd8\xff' and b'\xff\xd9' in bytes(data[-1024:])
+    with cuda_checks.decoder(cuda_checks.lenient_decode), mock.patch.object(gpu_data, 'device_decodable', weak):
+        problems = cuda_checks.decode_parity(corpus, 'cpu')
+    assert any('PIL rejects it, the GPU path decodes it' in p for p in problems) and any(p.startswith('rotated.jpg') for p in problems)
+
+
+def test_a_jpeg_the_device_rejects_is_decoded_by_pil_counted_and_named():
+    "Item 5: one file of a batch fails on the device, PIL reads it: the batch is whole, `decoded` counts it as 'pil' and a warning names it."
+    good, odd = _encode(_rand_image(1, 30, 40)), _encode(_rand_image(2, 31, 41))
+    real = gpu_data._decode_jpeg
+    def picky(x, device):
+        if any(len(t) == len(odd) for t in (x if isinstance(x, list) else [x])): raise RuntimeError('nvjpeg: NVJPEG_STATUS_BAD_JPEG (simulated)')
+        return real(x, device)
+    pipe = GPUBatchPipeline(False, 'cpu', 16, 18)
+    with cuda_checks.decoder(picky), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); warnings.filterwarnings('ignore', category=DeprecationWarning)
+        xb, yb = pipe([_as_item(good), _as_item(odd), pil_to_tensor(_rand_image(3, 9, 9))], [0, 1, 2], ['good.jpg', 'odd.jpg', 'png'])
+    assert yb.tolist() == [0, 1, 2] and pipe.decoded == Counter(device=1, pil=1, cpu=1)
+    assert [str(m.message) for m in w] == ['decoded odd.jpg with PIL on the CPU: the cpu JPEG decoder rejected it (RuntimeError: nvjpeg: NVJPEG_STATUS_BAD_JPEG (simulated))']
+
+
+def _gpu_pipe(spec, **change):
+    "A factory of GPU training pipelines at 64 px with `spec`, some fields changed (a deliberately wrong pipeline)."
+    kw = {**dict(scale=spec.scale, ratio=spec.ratio, flip_p=spec.flip_p, jitter=spec.jitter), **change}
+    return lambda seed: GPUBatchPipeline(True, 'cpu', 64, 73, generator=make_generator(seed), **kw)
+
+
+class _BGR:
+    "A pipeline whose output has its colour channels reversed (a decoder returning BGR)."
+    def __init__(self, pipe): self.pipe = pipe
+    def __call__(self, *a): xb, yb = self.pipe(*a); return xb.flip(1), yb
+
+
+def test_augmentation_distribution_check_passes_and_can_fail():
+    "Item 7: tests/test_cuda.py's distribution check, on CPU tensors: the GPU pipeline passes (every p >= 1e-4); flips, jitter or crops switched off, or BGR colours, fail it (some p < 1e-6)."
+    files, spec = need_mini() and cuda_checks.mini_files(75), AugmentSpec()
+    gap = cuda_checks.augmentation_gap(files, 'cpu', 128, 64, spec)
+    assert min(gap.values()) >= 1e-4, gap
+    for wrong in (_gpu_pipe(spec, flip_p=0.), _gpu_pipe(spec, jitter=(0., 0., 0.)), _gpu_pipe(spec, scale=(1., 1.), ratio=(0.1, 10.)),
+                  lambda s: _BGR(_gpu_pipe(spec)(s))):
+        gap = cuda_checks.augmentation_gap(files, 'cpu', 64, 64, spec, wrong)
+        assert min(gap.values()) < 1e-6, gap
