@@ -72,7 +72,7 @@ def test_two_epochs_of_mobilenet_on_the_gpu_pipeline_and_a_resume(tmp_path, comp
     r = train_on_gpu_pipeline(MINI, tmp_path, CUDA, compile)
     assert r['tags']['data_pipeline'] == 'gpu' and r['tags']['device'] == 'cuda'
     hist = r['first']['history']
-    assert [h['epoch'] for h in hist] == [1, 2] and all(h['train_loss'] == h['train_loss'] and 0 <= h['val_acc'] <= 1 for h in hist)
+    assert [h['epoch'] for h in hist] == [1, 2] and all(h['train_loss'] == h['train_loss'] and 0 <= h['val_accuracy'] <= 1 for h in hist)
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in r['checkpoint_keys'])
     assert r['resumed_run'] and [h['epoch'] for h in r['resumed']['history']] == [1, 2, 3]
     assert r['resumed']['history'][:2] == hist

@@ -198,7 +198,9 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert r.stdout.count('MLflow run id: ') == 1 and r.stdout.count('epoch 1/1  train loss') == 1   # rank 0 alone prints
     client = MlflowClient(f'sqlite:///{tmp_path}/mlflow.db')
     runs = client.search_runs([client.get_experiment_by_name('ddp').experiment_id])
-    assert [x.info.run_id for x in runs] == [run_id] and runs[0].info.status == 'FINISHED'
+    assert [x.info.run_id for x in runs] == [run_id] and runs[0].info.status == 'FINISHED'   # one job, one run
+    # rank 1 reports to a NullTracker: it must not journal a pending run that rank 0 would replay as a second, empty RUNNING run
+    assert not (tmp_path/'ck'/'mlflow_journal.jsonl').exists() and 'nutrilearn.pending_run_id' not in runs[0].data.tags
     assert runs[0].data.params['world_size'] == '2' and runs[0].data.params['batch_size'] == '4'
     val_acc, val_loss = runs[0].data.metrics['val_acc'], runs[0].data.metrics['val_loss']
 
@@ -231,7 +233,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     r = run([str(BIN/'nutrilearn-train'), *job_args(tmp_path, 3, '--resume', 'last')], tmp_path)
     assert printed_run_id(r.stdout) == run_id and 'epoch 3/3' in r.stdout
     runs = client.search_runs([client.get_experiment_by_name('ddp').experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == 'FINISHED'
+    assert [(x.info.run_id, x.info.status) for x in runs] == [(run_id, 'FINISHED')]   # still one run after two resumes
     for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
         assert sorted(m.step for m in client.get_metric_history(run_id, k)) == [1, 2, 3], k
     assert read_checkpoint(tmp_path/'ck/last.pth')['epoch'] == 3
