@@ -152,6 +152,34 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['skipped unchanged', 'skipped unchanged']
 
 
+def _empty_batch_on_rank_1(rank, init_file, out_dir):
+    "One rank of a 2-process Gloo job through `train_epoch`: rank 1's second batch is empty (all its images were unreadable)."
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel
+    from nutrilearn_train.train import train_epoch
+    tdist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    try:
+        torch.manual_seed(0); model = DistributedDataParallel(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+        g = torch.Generator().manual_seed(rank)
+        batch = lambda n: (torch.randn(n, 3, 2, 2, generator=g), torch.randint(0, 3, (n,), generator=g))
+        loader = [batch(4), batch(0) if rank == 1 else batch(4), batch(4)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        from nutrilearn_train.loop import StepGuard
+        guard = StepGuard(); train_epoch(model, loader, nn.CrossEntropyLoss(), opt, 'cpu', 1, progress=False, guard=guard,
+                                         dist=DistInfo(rank, 2, rank, active=True))
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        both = [torch.zeros_like(flat) for _ in range(2)]; tdist.all_gather(both, flat)
+        Path(out_dir, f'rank{rank}').write_text(f"{int(guard.images)} {'same' if torch.equal(*both) else 'different'}")
+    finally: tdist.destroy_process_group()
+
+
+def test_an_empty_batch_on_one_rank_does_not_hang_the_others(tmp_path):
+    "The rank with the empty batch joins the step with a zero-weight stand-in: both finish, equal weights, only real images counted."
+    import torch.multiprocessing as mp
+    mp.start_processes(_empty_batch_on_rank_1, args=(str(tmp_path / 'pg'), str(tmp_path)), nprocs=2, start_method='spawn', join=True)
+    assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['20 same', '20 same']   # 12 + 8 real images, all-reduced
+
+
 def odd_tree(root:Path) -> Path:
     "train/<class>/ 2 images and val/<class>/ 1 image per class (2 for the first): 20 + 11 food-101-mini JPEGs, symlinked."
     imgs = MINI/'food-101/images'

@@ -205,3 +205,29 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(losses, pati
         assert res['best_epoch'] == best_e and res['best_accuracy'] == 1 / best_e
         best = read_checkpoint(Path(d)/'ck/best.pth')
         assert best['epoch'] == best_e and _state_equal(best['model_state_dict'], snaps[best_e])
+
+
+# Issue 23 item 2: a fused optimizer takes its skip decision on the device: no host read per step, with or without
+# float16's GradScaler; the plain path (the negative control) reads at least once per step. A non-finite step is still skipped
+# (with a scaler that is an overflow: the scale halves and the step is not counted as bad, as GradScaler does it).
+@pytest.mark.parametrize('scaled', [False, True])
+def test_a_fused_optimizer_step_never_reads_the_device(scaled):
+    from cuda_checks import DeviceWork
+    from nutrilearn_train.loop import _optimizer_step
+    reads = {}
+    for fused in (True, False):
+        m = tiny_model(seed=1); opt = torch.optim.Adam(m.parameters(), lr=0.01, fused=fused)
+        scaler = torch.amp.GradScaler('cpu', init_scale=256.) if scaled else None
+        x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+        with DeviceWork('cpu') as w:
+            for _ in range(5):
+                loss = nn.functional.cross_entropy(m(x), y)
+                (scaler.scale(loss) if scaled else loss).backward(); _optimizer_step(opt, scaler, 1.0)
+        reads[fused] = w.n['host_reads']
+        before = [p.detach().clone() for p in m.parameters()]
+        loss = nn.functional.cross_entropy(m(x), y) * float('inf')
+        (scaler.scale(loss) if scaled else loss).backward()
+        assert bool(_optimizer_step(opt, scaler, 1.0)) == scaled                   # infinite gradients: skipped ...
+        assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))    # ... the weights did not move
+        if scaled: assert scaler.get_scale() == 128.                              # ... and the scale halved
+    assert reads[True] == 0 and reads[False] >= 5, reads
