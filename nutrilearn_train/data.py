@@ -4,7 +4,8 @@
 
 # %% ../nbs/01_data.ipynb #bb154858
 from __future__ import annotations
-import io, json, os, shutil, warnings
+import hashlib, io, json, os, shutil, warnings
+from dataclasses import dataclass, fields
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
@@ -12,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms as T
@@ -20,14 +21,15 @@ from torchvision import transforms as T
 from .config import make_generator, seed_worker
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SIZE', 'RESIZE_SIZE', 'MAX_IMAGE_PIXELS', 'IMG_EXTENSIONS', 'FOOD101_URL',
-           'FOOD101_BYTES_NEEDED', 'SCAN_MODES', 'AugmentSpec', 'build_train_transform', 'build_val_transform',
-           'InsufficientSpaceError', 'BadImageError', 'to_rgb', 'load_image', 'check_image', 'scan_images',
-           'make_class_to_idx', 'food101_samples', 'folder_samples', 'find_dataset', 'cap_per_class',
-           'stratified_split', 'missing_data_message', 'download_food101', 'sample_seed', 'ImageDataset',
-           'SkipBadCollate', 'SeededRandomSampler', 'set_loader_epoch', 'ShardSampler', 'make_sampler',
-           'ragged_last_batch', 'make_loader', 'get_data_loaders', 'get_test_loader', 'merge_class_to_idx',
-           'relabel_dataset', 'rehearsal_count', 'RehearsalDataset', 'with_rehearsal']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SIZE', 'RESIZE_SIZE', 'MAX_IMAGE_PIXELS', 'IMAGE_FORMATS', 'IMG_EXTENSIONS',
+           'FOOD101_URL', 'FOOD101_BYTES_NEEDED', 'FOOD101_MD5', 'SCAN_MODES', 'AugmentSpec', 'build_train_transform',
+           'build_val_transform', 'InsufficientSpaceError', 'BadImageError', 'to_rgb', 'load_image',
+           'RequestTooLargeError', 'RequestLimits', 'check_request', 'check_image', 'scan_images', 'make_class_to_idx',
+           'food101_samples', 'folder_samples', 'find_dataset', 'cap_per_class', 'stratified_split',
+           'missing_data_message', 'file_digest', 'download_food101', 'sample_seed', 'ImageDataset', 'SkipBadCollate',
+           'SeededRandomSampler', 'set_loader_epoch', 'ShardSampler', 'make_sampler', 'ragged_last_batch',
+           'make_loader', 'get_data_loaders', 'get_test_loader', 'merge_class_to_idx', 'relabel_dataset',
+           'rehearsal_count', 'RehearsalDataset', 'with_rehearsal']
 
 # %% ../nbs/01_data.ipynb #b55c67b8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,29 +77,49 @@ class BadImageError(ValueError):
     def __str__(self): return f"bad image {self.path}: {self.reason}"
 
 # %% ../nbs/01_data.ipynb #1ae550ea
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit (≈ 9459²)
+MAX_IMAGE_PIXELS = 64_000_000  # pixels decoded per image (≈ 8000²); larger baseline JPEGs are drafted to fit
+IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF', 'PPM')  # the PIL decoders we let open a file (JPEG includes phones' MPO)
+_DRAFT_HEADROOM = 4  # baseline JPEGs up to this many times `max_pixels` are decoded at 1/2 or 1/4 scale
 
 def _src_name(src) -> str:
     if isinstance(src, (str, os.PathLike)): return str(src)
     if isinstance(src, Image.Image): return getattr(src, 'filename', '') or '<PIL image>'
     return '<bytes>'
 
+def _pil_open(fp) -> Image.Image:
+    "`Image.open` restricted to `IMAGE_FORMATS`; a JPEG above PIL's own bomb limit is opened anyway (we draft it)."
+    try: return Image.open(fp, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        fp.seek(0)
+        if fp.read(3) != b'\xff\xd8\xff': raise
+        fp.seek(0); return JpegImagePlugin.jpeg_factory(fp)
+
 def _open_image(fp, name:str, max_pixels:int) -> Image.Image:
-    "Open `fp` lazily (header only), enforcing `max_pixels`."
+    "Open `fp` lazily (header only) as one of `IMAGE_FORMATS`, within `max_pixels`."
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            im = Image.open(fp)
+            im = _pil_open(fp)
     except Image.DecompressionBombError as e: raise BadImageError(name, f"decompression bomb ({e})") from None
-    except UnidentifiedImageError: raise BadImageError(name, "not a recognised image format") from None
+    except UnidentifiedImageError: raise BadImageError(name, f"not a recognised image format (allowed: {', '.join(IMAGE_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e: raise BadImageError(name, f"unreadable image header ({e})") from None
     return _check_pixels(im, name, max_pixels)
 
+# %% ../nbs/01_data.ipynb #db02821d
+def _draft_scale(w:int, h:int, max_pixels:int) -> int:
+    "The smallest JPEG scale-down (2, 4 or 8) that brings `w`x`h` within `max_pixels`."
+    return next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
+
 def _check_pixels(im:Image.Image, name:str, max_pixels:int) -> Image.Image:
-    "`im`, unless it has more than `max_pixels` pixels."
+    "`im` (a large baseline JPEG drafted to fit), unless it has more than `max_pixels` pixels: decided from the header."
+    (w, h), progressive = im.size, bool(im.info.get('progressive'))
+    if max_pixels < w * h <= _DRAFT_HEADROOM * max_pixels and im.format in ('JPEG', 'MPO') and not progressive and im.tile:
+        s = _draft_scale(w, h, max_pixels)
+        im.draft(im.mode, (w // s, h // s))
     if im.width * im.height > max_pixels:
-        raise BadImageError(name, f"decompression bomb: {im.width}x{im.height} = {im.width * im.height} pixels "
-                                  f"exceeds max_pixels={max_pixels}")
+        why = ' (progressive JPEGs are decoded at full size)' if progressive else ''
+        raise BadImageError(name, f"decompression bomb: {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}{why}; "
+                                  "downscale the image or raise max_pixels")
     return im
 
 def _decode(im:Image.Image, name:str) -> Image.Image:
@@ -107,15 +129,21 @@ def _decode(im:Image.Image, name:str) -> Image.Image:
     return im
 
 # %% ../nbs/01_data.ipynb #135f2be4
+def _to_8bit(im:Image.Image, rows:int=512) -> Image.Image:
+    "16/32-bit integer or float greyscale as 8-bit 'L' (÷257, floats as they are), `rows` rows at a time."
+    out, div = np.empty((im.height, im.width), np.uint8), 1 if im.mode == 'F' else 257
+    for top in range(0, im.height, rows):
+        a = np.asarray(im.crop((0, top, im.width, min(top + rows, im.height))), dtype=np.float32)
+        out[top:top + rows] = np.clip(np.rint(a / div), 0, 255)
+    return Image.fromarray(out, 'L')
+
 def to_rgb(im:Image.Image) -> Image.Image:
     "`im` as an 8-bit RGB image (transparency composited on white)."
     if im.mode == 'RGB' and 'transparency' not in im.info: return im
-    if im.mode in ('I', 'F') or im.mode.startswith('I;16'):
-        a = np.asarray(im).astype(np.float32) / (1 if im.mode == 'F' else 257)
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L').convert('RGB')
+    if im.mode in ('I', 'F') or im.mode.startswith('I;16'): return _to_8bit(im).convert('RGB')
     bands = im.getbands()
     if 'A' in bands or 'a' in bands or 'transparency' in im.info:
-        rgba = im.convert('RGBA')
+        rgba = im if im.mode == 'RGBA' else im.convert('RGBA')
         bg = Image.new('RGB', im.size, (255, 255, 255))
         bg.paste(rgba, mask=rgba.getchannel('A'))
         return bg
@@ -137,11 +165,13 @@ def _exif_transpose(im:Image.Image) -> Image.Image:
     except Exception: return im
 
 def load_image(src:Union[str, os.PathLike, bytes, Image.Image], # a file path, encoded bytes or a PIL image
-               max_pixels:int=MAX_IMAGE_PIXELS                   # decompression-bomb threshold (width*height)
+               max_pixels:int=MAX_IMAGE_PIXELS                   # pixels decoded at most (width*height; larger baseline JPEGs are drafted)
               ) -> Image.Image:
     "An RGB `PIL.Image` from `src` with EXIF orientation honoured; `BadImageError` if unusable."
     name = _src_name(src)
-    if isinstance(src, Image.Image): im = _decode(_check_pixels(src, name, max_pixels), name)
+    if isinstance(src, Image.Image):
+        if src.format not in (None, 'MPO', *IMAGE_FORMATS): raise BadImageError(name, f"{src.format} images are not decoded (allowed: {', '.join(IMAGE_FORMATS)})")
+        im = _decode(_check_pixels(src, name, max_pixels), name)
     elif isinstance(src, (bytes, bytearray)):
         if not src: raise BadImageError(name, "empty data (0 bytes)")
         im = _decode(_open_image(io.BytesIO(src), name, max_pixels), name)
@@ -151,6 +181,44 @@ def load_image(src:Union[str, os.PathLike, bytes, Image.Image], # a file path, e
         if p.stat().st_size == 0: raise BadImageError(name, "empty file (0 bytes)")
         with open(p, 'rb') as f: im = _decode(_open_image(f, name, max_pixels), name)
     return to_rgb(_exif_transpose(im))
+
+# %% ../nbs/01_data.ipynb #828746de
+class RequestTooLargeError(ValueError):
+    "A prediction request over one of its `RequestLimits` (too many images or bytes); nothing in it was decoded."
+
+@dataclass(frozen=True)
+class RequestLimits:
+    "Bounds on one prediction request from an untrusted client."
+    max_images:int = 64                   # images per request
+    max_request_bytes:int = 100 * 2**20   # encoded image bytes per request, all images together (≈ 133 MiB of base64)
+    max_pixels:int = MAX_IMAGE_PIXELS     # decoded pixels per image (see `load_image`)
+    ENV = {'max_images': 'NUTRILEARN_MAX_IMAGES', 'max_request_bytes': 'NUTRILEARN_MAX_REQUEST_BYTES', 'max_pixels': 'NUTRILEARN_MAX_PIXELS'}
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
+    @classmethod
+    def from_env(cls, env:Optional[dict]=None) -> 'RequestLimits':
+        "The defaults, overridden by the `ENV` variables that are set (default: `os.environ`)."
+        env, kw = os.environ if env is None else env, {}
+        for k, var in cls.ENV.items():
+            if env.get(var, '').strip():
+                try: kw[k] = int(env[var].replace('_', ''))
+                except ValueError: raise ValueError(f"{var} must be a positive integer, got {env[var]!r}") from None
+        return cls(**kw)
+
+# %% ../nbs/01_data.ipynb #fe0334de
+def check_request(n_images:int,  # images in the request
+                  n_bytes:int,   # their encoded size in bytes, all together
+                  limits:RequestLimits=RequestLimits()):
+    "Raise `RequestTooLargeError` if a request of `n_images` images and `n_bytes` bytes is over `limits` (or empty)."
+    if n_images < 1: raise RequestTooLargeError("the request holds no images; send at least one")
+    if n_images > limits.max_images:
+        raise RequestTooLargeError(f"the request holds {n_images} images, more than max_images={limits.max_images}; send them in "
+                                   f"several requests (or raise the limit: {RequestLimits.ENV['max_images']})")
+    if n_bytes > limits.max_request_bytes:
+        raise RequestTooLargeError(f"the request's images take {n_bytes} bytes, more than max_request_bytes={limits.max_request_bytes}; "
+                                   f"send fewer or smaller images per request (or raise the limit: {RequestLimits.ENV['max_request_bytes']})")
 
 # %% ../nbs/01_data.ipynb #802ce9ff
 _END_MARKERS = {'JPEG': b'\xff\xd9', 'MPO': b'\xff\xd9', 'PNG': b'IEND', 'GIF': b';'}
@@ -274,6 +342,7 @@ def stratified_split(labels:Sequence[int], # one label per sample
 # %% ../nbs/01_data.ipynb #7b949712
 FOOD101_URL = 'http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz'
 FOOD101_BYTES_NEEDED = 10_000_000_000  # ≈ 5 GB archive + ≈ 5 GB extracted
+FOOD101_MD5 = '85eeb15f3717b99a5da872d97d918f87'  # of food-101.tar.gz, as published (torchvision checks the same)
 
 def missing_data_message(data_dir:Union[str, Path]) -> str:
     "What to put where when `data_dir` holds no dataset."
@@ -284,8 +353,17 @@ def missing_data_message(data_dir:Union[str, Path]) -> str:
             f"or an ImageFolder tree {d}/<class>/<image>.jpg, or {d}/train/<class>/*.jpg + {d}/val/<class>/*.jpg.")
 
 def _fetch_food101(root:Path):
-    "Download and extract Food-101 into `root` (network)."
+    "Download Food-101 into `root`, check its MD5 against `FOOD101_MD5`, extract it (network; torchvision's downloader)."
     torchvision.datasets.Food101(root, split='train', download=True)
+
+def file_digest(path:Union[str, Path], # the file to hash
+                algorithm:str='sha256'  # a `hashlib` name: 'sha256', 'md5', …
+               ) -> str:
+    "The hex digest of the file at `path`, read 4 MiB at a time."
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''): h.update(block)
+    return h.hexdigest()
 
 # %% ../nbs/01_data.ipynb #e4b4e44a
 def download_food101(data_dir:Union[str, Path], # gets `food-101/` inside
