@@ -17,7 +17,7 @@ py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 min_python = cfg['min_python']
 assert min_python in py_versions, f"min_python {min_python} must be one of {py_versions}"
 
-# Requirements are split on whitespace: write `torch>=2.2`, never `torch >= 2.2`.
+# Requirements are split on whitespace: write `torch>=2.6`, never `torch >= 2.6`.
 requirements = cfg.get('requirements', '').split()
 export_requirements = cfg.get('export_requirements', '').split()
 tune_requirements = cfg.get('tune_requirements', '').split()

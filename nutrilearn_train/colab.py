@@ -4,11 +4,11 @@
 
 # %% ../nbs/06a_colab.ipynb #7296c2b0
 from __future__ import annotations
-import os, shutil, sqlite3, tarfile, tempfile, urllib.request
-from pathlib import Path
+import hashlib, os, shutil, sqlite3, tarfile, tempfile, time, urllib.request
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from .data import FOOD101_URL, InsufficientSpaceError, find_dataset
+from .data import FOOD101_MD5, FOOD101_URL, InsufficientSpaceError, find_dataset
 
 # %% auto #0
 __all__ = ['extract_archive', 'fetch_archive', 'prepare_data', 'reroot_mlflow_store']
@@ -34,12 +34,19 @@ def extract_archive(archive:str|Path,   # a .tar / .tar.gz holding e.g. `food-10
     return d
 
 # %% ../nbs/06a_colab.ipynb #ac848693
-def fetch_archive(dest:str|Path, url:str=FOOD101_URL) -> Path:
-    "Download `url` to `dest` through `dest.part` (renamed when complete)."
+def fetch_archive(dest:str|Path, url:str=FOOD101_URL,
+                  md5:Optional[str]=FOOD101_MD5 # the archive's published MD5 (None: not checked)
+                 ) -> Path:
+    "Download `url` to `dest` through `dest.part`, renamed only when complete and its MD5 is `md5`."
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + '.part')
+    part, h = dest.with_name(dest.name + '.part'), hashlib.md5(usedforsecurity=False)
     print(f"downloading {url} to {dest} (≈ 5 GB, once; later sessions extract it from there)", flush=True)
-    with urllib.request.urlopen(url) as r, open(part, 'wb') as f: shutil.copyfileobj(r, f, 1 << 22)
+    with urllib.request.urlopen(url) as r, open(part, 'wb') as f:
+        for block in iter(lambda: r.read(1 << 22), b''): h.update(block); f.write(block)
+    if md5 and h.hexdigest() != md5:
+        part.unlink()
+        raise ValueError(f"the download from {url} has MD5 {h.hexdigest()}, not the published {md5}: it is corrupt or not the "
+                         "archive it claims to be, and was deleted; run it again, or download it yourself and check its MD5")
     os.replace(part, dest)
     return dest
 
@@ -66,19 +73,42 @@ def prepare_data(data_dir:str|Path,            # where training reads images (th
 # %% ../nbs/06a_colab.ipynb #4d1ef79c
 _LOCATION_COLUMNS = {'artifact_location', 'artifact_uri', 'source', 'storage_location'}
 
+def _check_roots(old_root:str, new:str) -> str:
+    "`old_root` without a trailing '/', if rewriting it to `new` is safe (and stays so when repeated); `ValueError` otherwise."
+    old = str(old_root).rstrip('/')
+    if not str(old_root).startswith('/') or not old:
+        raise ValueError(f"old_root must be the absolute folder the store was in, other than '/' (e.g. '/content/drive/MyDrive/nutrilearn'), got {old_root!r}")
+    o, n = PurePosixPath(old), PurePosixPath(new)
+    if o in n.parents or n in o.parents:
+        raise ValueError(f"the store's folder {new} and old_root {old} are nested, so running this twice would rewrite the paths it already "
+                         f"rewrote; copy mlflow.db and mlartifacts/ to a folder outside {old if o in n.parents else new} and re-root that copy")
+    return old
+
+def _backup(db:Path) -> Path:
+    "A consistent copy of the SQLite database `db` beside it, `<name>.bak-<UTC time>`."
+    bak = db.with_name(f"{db.name}.bak-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    with sqlite3.connect(db) as src, sqlite3.connect(bak) as dst: src.backup(dst)
+    src.close(); dst.close()
+    return bak
+
+# %% ../nbs/06a_colab.ipynb #0b0da24a
 def reroot_mlflow_store(db:str|Path,      # the moved `mlflow.db`
                         old_root:str      # the folder it was in when the runs were logged, e.g. '/content/drive/MyDrive/nutrilearn'
                        ) -> int:
-    "Rewrite artifact locations under `old_root` to the folder `db` is in now; the number of values changed."
+    "Rewrite artifact locations under `old_root` to the folder `db` is in now, after a backup; the number of values changed."
     db = Path(db).resolve()
     if not db.is_file(): raise FileNotFoundError(f"no MLflow database at {db}; pass the path of the copied mlflow.db")
-    new, old, n = str(db.parent), str(old_root).rstrip('/'), 0
-    with sqlite3.connect(db) as con:
-        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-            for col in {r[1] for r in con.execute(f'PRAGMA table_info("{table}")')} & _LOCATION_COLUMNS:
-                for scheme in ('', 'file://'):   # plain paths and file:// URIs
-                    o = scheme + old; k = len(o)
-                    n += con.execute(f'UPDATE "{table}" SET "{col}" = ? || substr("{col}", ?) WHERE substr("{col}", 1, ?) = ? '
-                                     f'AND (length("{col}") = ? OR substr("{col}", ?, 1) = \'/\')',
-                                     (scheme + new, k + 1, k, o, k, k + 1)).rowcount
-    return n
+    new = str(db.parent); old = _check_roots(old_root, new)
+    if old == new: return 0   # it never moved
+    where = lambda col, k: f'substr("{col}", 1, {k}) = ? AND (length("{col}") = {k} OR substr("{col}", {k + 1}, 1) = ?)'  # `old` or below it
+    con = sqlite3.connect(db)
+    try:
+        cols = [(t, c) for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+                for c in sorted({r[1] for r in con.execute(f'PRAGMA table_info("{t}")')} & _LOCATION_COLUMNS)]
+        todo = [(t, c, s) for t, c in cols for s in ('', 'file://')]   # plain paths and file:// URIs
+        if not sum(con.execute(f'SELECT count(*) FROM "{t}" WHERE {where(c, len(s + old))}', (s + old, '/')).fetchone()[0] for t, c, s in todo): return 0
+        print(f"backed up {db.name} to {_backup(db)} before re-rooting it", flush=True)
+        with con:   # one transaction: all rewritten, or none
+            return sum(con.execute(f'UPDATE "{t}" SET "{c}" = ? || substr("{c}", {len(s + old) + 1}) WHERE {where(c, len(s + old))}',
+                                   (s + new, s + old, '/')).rowcount for t, c, s in todo)
+    finally: con.close()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_evaluate.ipynb #303ac13d
 from __future__ import annotations
-import argparse, csv, json, sys, time, urllib.request
+import argparse, csv, json, os, re, sys, time, urllib.request
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Sequence
@@ -23,11 +23,11 @@ from .metrics import (  # the pure metrics live in 02d_metrics (training uses th
     _check_logits, decode_logits, topk_accuracy, per_class_metrics, classification_report_rows, rank_classes, confusion_matrix,
     normalize_rows, most_confused, save_most_confused, plot_confusion_matrix, generate_confusion_matrix, EvaluationResults,
     results_from_logits, collect_predictions, evaluate_model, save_evaluation, evaluation_metrics)
-from .tracking import MLflowTracker
+from .tracking import _check_uri, _log_metrics, _upload, bound_http_requests
 
 # %% auto #0
-__all__ = ['most_confident_errors', 'plot_misclassified', 'log_evaluation', 'load_evaluation_model', 'parse_evaluate_args',
-           'format_report', 'evaluate_ensemble', 'format_comparison', 'main']
+__all__ = ['most_confident_errors', 'plot_misclassified', 'RunAppender', 'log_evaluation', 'load_evaluation_model',
+           'parse_evaluate_args', 'format_report', 'evaluate_ensemble', 'format_comparison', 'main']
 
 # %% ../nbs/04_evaluate.ipynb #e1ebe095
 def most_confident_errors(probs:torch.Tensor,   # (N, C) probabilities
@@ -60,25 +60,30 @@ def plot_misclassified(samples:Sequence[tuple],  # the dataset's `(path, label)`
     return fig
 
 # %% ../nbs/04_evaluate.ipynb #8b3eb441
+class RunAppender:
+    "Adds metrics and files to an existing MLflow run by id; its status and end time stay as they were."
+    def __init__(self, tracking_uri:str, # the store the user named: sqlite:////abs/mlflow.db or http(s)://host:port
+                 run_id:str):
+        from mlflow import MlflowClient
+        bound_http_requests()
+        self.client, self.run_id = MlflowClient(_check_uri(tracking_uri)), run_id
+        self.client.get_run(run_id)   # a run id the store does not know fails here, before anything is logged
+    def log_metrics(self, metrics:dict, step:int): _log_metrics(self.client, self.run_id, metrics, step)
+    def log_artifact(self, path, artifact_path=None): _upload(self.client, self.run_id, path, artifact_path)
+
 def log_evaluation(results:EvaluationResults,
                    files:dict[str, Path]|Sequence[Path], # artifacts to attach (e.g. `save_evaluation`'s result)
                    run_id:str,                          # the training run to add to
                    tracking_uri:str|None=None,          # MLflow store (ignored when `tracker` is given)
                    prefix:str='test',                   # metric prefix: the split
-                   tracker=None,                        # a `tracking` tracker (default: `MLflowTracker`)
-                   experiment_name:str='food-101-classification',
-                   journal_path:str|Path|None=None      # where the tracker journals if MLflow fails
+                   tracker=None                         # a tracker started on `run_id` (default: a `RunAppender`)
                   ) -> str:
-    "Log `results`' metrics and `files` to the existing run `run_id`; return the run id."
+    "Add `results`' metrics and `files` to the existing run `run_id` (its status unchanged); return the run id."
     if not run_id: raise ValueError("run_id is required to log an evaluation (the model has no MLflow run)")
-    files = list(files.values() if isinstance(files, dict) else files)
-    if tracker is None:  # the journal (used only if MLflow fails mid-way) goes beside the results
-        tracker = MLflowTracker(tracking_uri, experiment_name, journal_path or Path(files[0]).parent/'mlflow_journal.jsonl')
-    tracker.start(run_id=run_id)
-    try:
-        tracker.log_metrics(evaluation_metrics(results, prefix), step=0)
-        for p in files: tracker.log_artifact(str(p), f'evaluation_{prefix}')
-    finally: tracker.end()
+    if tracker is not None and tracker.run_id != run_id: raise ValueError(f"the tracker is on run {tracker.run_id!r}, not {run_id!r}; start it on that run first")
+    tracker = tracker or RunAppender(tracking_uri, run_id)
+    tracker.log_metrics(evaluation_metrics(results, prefix), step=0)
+    for p in (files.values() if isinstance(files, dict) else files): tracker.log_artifact(str(p), f'evaluation_{prefix}')
     return run_id
 
 # %% ../nbs/04_evaluate.ipynb #113dd70f
@@ -99,13 +104,14 @@ def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     p.add_argument('--weights', type=float, nargs='+', default=None, help='ensemble: one weight per --model-dir (default: equal)')
     p.add_argument('--data-dir', required=True, help='folder holding food-101/ (or an image-folder tree)')
     p.add_argument('--split', choices=('test', 'val'), default='test', help='held-out test split, or the validation part of the training images')
-    p.add_argument('--output-dir', default=None, help='where results go (default: the model version folder)')
+    p.add_argument('--output-dir', default=None, help='where results go; must not hold an evaluation.json already (default: a new evaluations/<split>_N folder in the model version folder)')
     p.add_argument('--batch-size', type=int, default=64, help='images per forward pass')
     p.add_argument('--num-workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     p.add_argument('--max-per-class', type=int, default=None, help='cap images per class (quick checks)')
     p.add_argument('--top-errors', type=int, default=0, help='also save galleries with Grad-CAM of the N worst mistakes (misclassified.png) and N highest losses (top_losses.png)')
-    p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when its store answers)')
+    p.add_argument('--tracking-uri', default=None, help="MLflow store holding the model's run, to add the results to it (default: $MLFLOW_TRACKING_URI; the store named inside the model folder is never used)")
+    p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when a store is named and answers)')
     return p.parse_args(argv)
 
 # %% ../nbs/04_evaluate.ipynb #df3167d3
@@ -148,14 +154,26 @@ def format_report(results:EvaluationResults, split:str='test') -> str:
                       f"worst: {fmt(results.worst_classes)}", f"best:  {fmt(results.best_classes)}"])
 
 # %% ../nbs/04_evaluate.ipynb #b2315f68
-def _log_to_run(results, files, mcfg:dict, split:str, out:Path) -> str:
-    "Log to the model's MLflow run when it has one and its store answers; return a one-line note."
-    run_id, uri = mcfg.get('mlflow_run_id'), (mcfg.get('training_config') or {}).get('tracking_uri')
+def _log_to_run(results, files, mcfg:dict, split:str, uri:str|None) -> str:
+    "Add to the model's MLflow run in the store `uri` the user named (never the one the folder names); a one-line note."
+    run_id, named = mcfg.get('mlflow_run_id'), (mcfg.get('training_config') or {}).get('tracking_uri')
     if not run_id: return "mlflow: the model has no run id; not logged"
+    if not uri:
+        return (f"mlflow: not logged; pass --tracking-uri (or set MLFLOW_TRACKING_URI) to add the results to run {run_id}"
+                + (f" (the model folder names {named!r}: a folder can come from anyone, so its store is used only when you pass it)" if named else ''))
     if not _store_reachable(uri): return f"mlflow: store {uri!r} is not reachable; not logged"
-    exp = (mcfg.get('training_config') or {}).get('experiment_name', 'food-101-classification')
-    log_evaluation(results, files, run_id, uri, split, experiment_name=exp, journal_path=out/'mlflow_journal.jsonl')
+    log_evaluation(results, files, run_id, uri, split)
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
+
+def _evaluation_dir(output_dir, mdir:Path, split:str) -> Path:
+    "Where one evaluation's files go: `output_dir`, else the next free `evaluations/{split}_N` in `mdir`; never over an earlier one."
+    if output_dir is not None:
+        if (Path(output_dir)/'evaluation.json').exists():
+            raise FileExistsError(f"{output_dir} already holds evaluation.json (an earlier evaluation, or the one training wrote) and it is "
+                                  f"never overwritten; choose another --output-dir, or leave it out for a new {mdir/'evaluations'}/{split}_N")
+        return Path(output_dir)
+    taken = [int(m.group(1)) for p in (mdir/'evaluations').glob(f'{split}_*') if (m := re.fullmatch(rf'{split}_(\d+)', p.name))]
+    return mdir/'evaluations'/f'{split}_{max(taken, default=0) + 1}'
 
 # %% ../nbs/04_evaluate.ipynb #05bdf838
 from . import explain   # the galleries with Grad-CAM (02e_explain)
@@ -225,17 +243,17 @@ def main(argv:list|None=None) -> int:
         if not Path(args.data_dir).is_dir(): raise FileNotFoundError(f"data dir {args.data_dir} does not exist")
         device = get_device(args.device)
         model, mcfg, mdir = load_evaluation_model(args.model_dir[0], device)
+        out = _evaluation_dir(args.output_dir, mdir, args.split)   # before the work: an earlier evaluation is never overwritten
         names, dl = list(mcfg['class_names']), _eval_loader(args, mcfg)
         logits, targets, secs = collect_predictions(model, dl, device)
         res = results_from_logits(logits, targets, names, 1000 * secs / len(targets))
-        out = Path(args.output_dir or mdir)
         files = save_evaluation(res, out, names, targets.numpy(), logits.argmax(1).numpy())
         if args.top_errors: files.update(_save_gallery(model, mcfg, dl.dataset.samples, logits, targets, names, args.top_errors, out, device))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         print(f"nutrilearn-evaluate: error: {e}", file=sys.stderr); return 1
     print(format_report(res, args.split)); print(f"results: {out}")
     if not args.no_mlflow:
-        try: print(_log_to_run(res, files, mcfg, args.split, out))
+        try: print(_log_to_run(res, files, mcfg, args.split, args.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI')))
         except Exception as e: print(f"mlflow: logging failed ({e}); results are saved locally", file=sys.stderr)
     return 0
 

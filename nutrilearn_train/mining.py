@@ -14,8 +14,8 @@ from .explain import save_png
 from .inference import Predictor, class_probabilities, load_predictor, topk_predictions
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'uncertainty', 'rank_uncertain', 'list_images', 'score_images', 'save_mining_csv', 'save_contact_sheet',
-           'copy_uncertain', 'main']
+__all__ = ['STRATEGIES', 'uncertainty', 'rank_uncertain', 'list_images', 'score_images', 'csv_text', 'save_mining_csv',
+           'save_contact_sheet', 'copy_uncertain', 'main']
 
 # %% ../nbs/05b_mining.ipynb #8fe6c89d
 STRATEGIES = ('entropy', 'margin', 'least-confidence')
@@ -68,15 +68,23 @@ def score_images(predictor:Predictor, paths:Sequence, # image files
     if bar is not None: bar.close()
     return [rows[j] for j in rank_uncertain(torch.tensor([r['uncertainty'] for r in rows]))], skipped
 
+# %% ../nbs/05b_mining.ipynb #9f5f2a52
+_FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
+
+def csv_text(s) -> str:
+    "`s` as a CSV cell a spreadsheet shows as text: a leading `=`, `+`, `-`, `@`, tab or CR gets a `'` in front."
+    s = str(s)
+    return "'" + s if s.startswith(_FORMULA_START) else s
+
 # %% ../nbs/05b_mining.ipynb #ebead213
 def save_mining_csv(rows:list[dict], path:str|Path, strategy:str) -> Path:
-    "Write `rows` (most uncertain first) as CSV: rank, image, strategy, uncertainty, top-3 classes and probabilities."
+    "Write `rows` (most uncertain first) as CSV: rank, image, strategy, uncertainty, top-3 classes and probabilities (text via `csv_text`)."
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['rank', 'image', 'strategy', 'uncertainty'] + [f'{k}{i}' for i in (1, 2, 3) for k in ('class', 'prob')])
         for n, r in enumerate(rows, 1):
-            guesses = [x for c, p in r['top3'] for x in (c, f'{p:.6f}')]
-            w.writerow([n, r['image'], strategy, f"{r['uncertainty']:.6f}"] + guesses + [''] * (6 - len(guesses)))
+            guesses = [x for c, p in r['top3'] for x in (csv_text(c), f'{p:.6f}')]
+            w.writerow([n, csv_text(r['image']), strategy, f"{r['uncertainty']:.6f}"] + guesses + [''] * (6 - len(guesses)))
     return Path(path)
 
 # %% ../nbs/05b_mining.ipynb #a05322f8

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_persistence.ipynb #fea38ff0
 from __future__ import annotations
-import errno, json, os, random, re, shutil, tempfile, warnings
+import errno, hashlib, io, json, os, random, re, shutil, tempfile, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import TrainingConfig, config_to_dict
-from .data import IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, RESIZE_SIZE, InsufficientSpaceError
+from .data import IMAGENET_MEAN, IMAGENET_STD, IMAGE_SIZE, RESIZE_SIZE, InsufficientSpaceError, file_digest
 from . import models
 
 # %% auto #0
@@ -121,9 +121,9 @@ def save_model_artifacts(model:nn.Module,       # the trained model
               best_accuracy=None if best_accuracy is None else float(best_accuracy), weights_file=weights,
               class_names=names, mlflow_run_id=None, registered_model_name=None, registered_model_version=None,
               training_config=cfg)
-    mc.update(extra or {})
-    sd = unwrap_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    atomic_write(vdir/weights, lambda f: torch.save(sd, f), 'model weights')
+    buf = io.BytesIO(); torch.save(unwrap_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}), buf)
+    mc.update(extra or {}); mc['weights_sha256'] = hashlib.sha256(buf.getbuffer()).hexdigest()
+    atomic_write(vdir/weights, lambda f: f.write(buf.getbuffer()), 'model weights')
     atomic_write(vdir/'class_to_idx.json', lambda f: f.write(_json_bytes(class_to_idx)), 'class index')
     atomic_write(vdir/'model_config.json', lambda f: f.write(_json_bytes(mc)), 'model config')
     return vdir
@@ -183,15 +183,23 @@ def load_model_config(model_dir:str|Path # a version folder, the output folder h
     except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON ({e}); re-create it with nutrilearn-train") from None
     missing = [k for k in MODEL_CONFIG_KEYS if k not in mc]
     if missing: raise ValueError(f"{p} lacks {', '.join(missing)}; it was not written by save_model_artifacts")
+    wf = mc['weights_file']
+    if not isinstance(wf, str) or wf in ('', '.', '..') or Path(wf).name != wf or '\\' in wf:
+        raise ValueError(f"{p} names weights_file {wf!r}, but it must be a file name inside {p.parent} (e.g. 'food_model_v1.pth'); "
+                         "a model config may not point a loader at other files")
     return normalize_model_config(mc)
 
 
 def load_saved_model(weights:str|Path, # a state_dict written by `save_model_artifacts`
                      mcfg:dict         # its `model_config.json` dict
                     ) -> nn.Module:
-    "The model `mcfg` describes with the weights in `weights`, on the CPU in eval mode (loaded with `weights_only=True`)."
+    "The model `mcfg` describes with the weights in `weights` (checked against its `weights_sha256`), on the CPU in eval mode."
     weights = Path(weights)
     if not weights.is_file(): raise FileNotFoundError(f"weights file {weights} named by the model config does not exist")
+    if (want := mcfg.get('weights_sha256')) and (got := file_digest(weights)) != want:
+        raise ValueError(f"{weights} does not match the weights_sha256 recorded in its model_config.json when it was saved "
+                         f"({want[:16]}…, the file's is {got[:16]}…): it was changed or replaced after training; restore the "
+                         "model folder (or the registered version's artifacts) from a trusted copy")
     model = models.build_model(mcfg['model_name'], int(mcfg['num_classes']), pretrained=False)
     try: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
     except RuntimeError as e: raise ValueError(f"{weights} does not fit a {mcfg['model_name']} with {mcfg['num_classes']} classes: {e}") from None

@@ -4,15 +4,15 @@
 
 # %% ../nbs/02c_serving.ipynb #26d4ccae
 from __future__ import annotations
-import base64, json
+import base64, binascii, json, math, numbers, warnings
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
 # %% auto #0
-__all__ = ['SERVING_COLUMN', 'encode_image', 'serving_request', 'serving_signature', 'pyfunc_artifacts', 'topk_frame',
-           'FoodClassifier']
+__all__ = ['SERVING_COLUMN', 'encode_image', 'decode_row', 'check_top_k', 'serving_request', 'serving_signature',
+           'pyfunc_artifacts', 'topk_frame', 'prepare_images', 'FoodClassifier']
 
 # %% ../nbs/02c_serving.ipynb #5c6fbdb8
 SERVING_COLUMN = 'image'   # the input column: base64-encoded image bytes
@@ -21,17 +21,31 @@ def encode_image(image) -> str:
     "The base64 text of an image file (path) or its raw bytes."
     return base64.b64encode(image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()).decode('ascii')
 
+def decode_row(s) -> bytes:
+    "The image bytes of one request row: strict base64 only (`ValueError` otherwise, e.g. a null, stray characters, line breaks)."
+    if not isinstance(s, str):   # pandas turns a JSON null into None or NaN
+        raise ValueError(f"expected a base64 string, got {'null' if s is None or isinstance(s, float) and math.isnan(s) else type(s).__name__}")
+    try: return base64.b64decode(s, validate=True)
+    except binascii.Error as e: raise ValueError(f"not valid base64 ({e}); send the file's bytes in standard base64, without line breaks") from None
+
+def check_top_k(top_k, n_classes:int) -> int:
+    "`top_k` as an int from 1 to `n_classes`; `ValueError` naming the value otherwise."
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= n_classes:
+        raise ValueError(f"top_k must be an integer from 1 to {n_classes} (the number of classes), got {top_k!r}")
+    return int(top_k)
+
 def serving_request(images, top_k:int=3) -> dict:
     "The JSON body `POST /invocations` takes for `images` (paths or bytes)."
     return {'dataframe_split': {'columns': [SERVING_COLUMN], 'data': [[encode_image(im)] for im in images]}, 'params': {'top_k': top_k}}
 
 # %% ../nbs/02c_serving.ipynb #88ce9512
 def serving_signature():
-    "The pyfunc's `ModelSignature`: base64 image strings in, top-k classes and probabilities out, `top_k` param."
+    "The pyfunc's `ModelSignature`: base64 image strings in, top-k classes and probabilities (or an error) out, `top_k` param."
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-    return ModelSignature(inputs=Schema([ColSpec('string', SERVING_COLUMN)]),
-                          outputs=Schema([ColSpec(Array('string'), 'classes'), ColSpec(Array('double'), 'probabilities')]),
+    return ModelSignature(inputs=Schema([ColSpec('string', SERVING_COLUMN, required=False)]),
+                          outputs=Schema([ColSpec(Array('string'), 'classes'), ColSpec(Array('double'), 'probabilities'),
+                                          ColSpec('string', 'error', required=False)]),
                           params=ParamSchema([ParamSpec('top_k', 'long', 3)]))
 
 def pyfunc_artifacts(model_dir) -> dict:
@@ -42,30 +56,53 @@ def pyfunc_artifacts(model_dir) -> dict:
             'class_to_idx': str(d/'class_to_idx.json')}
 
 # %% ../nbs/02c_serving.ipynb #e86b2d6a
-def topk_frame(probs, class_names:list, k:int=3) -> pd.DataFrame:
-    "One row per image: the `k` most likely `classes` (best first) and their `probabilities`."
-    p, i = probs.topk(min(int(k), probs.shape[1]), dim=1)
-    return pd.DataFrame({'classes': [[class_names[j] for j in row] for row in i.tolist()], 'probabilities': p.tolist()})
+def topk_frame(probs, class_names:list, k:int=3,
+               errors:list|None=None) -> pd.DataFrame: # one entry per image: None for the rows of `probs` in order, else the error
+    "One row per image: the `k` most likely `classes` (best first) and their `probabilities`, or the image's `error`."
+    p, i = probs.topk(int(k), dim=1)
+    answers = iter(zip(([class_names[j] for j in row] for row in i.tolist()), p.tolist()))
+    rows = [(*next(answers), None) if e is None else ([], [], e) for e in ([None] * len(probs) if errors is None else errors)]
+    return pd.DataFrame(rows, columns=['classes', 'probabilities', 'error'], dtype=object)   # object: a missing error stays None (JSON null), not NaN
+
+def prepare_images(col, transform, max_pixels:int) -> tuple[list, list]:
+    "Per request row: its preprocessed tensor (None if it failed) and its error (None if not); a bad row never stops the rest."
+    from nutrilearn_train.data import BadImageError, load_image
+    xs, errors = [], []
+    for n, s in enumerate(col):
+        try: xs.append(transform(load_image(decode_row(s), max_pixels))); errors.append(None)
+        except (BadImageError, ValueError, OSError) as e:
+            xs.append(None); errors.append(f"image {n}: {e.reason if isinstance(e, BadImageError) else e}")
+    return xs, errors
 
 class FoodClassifier(mlflow.pyfunc.PythonModel):
     "Top-k Food-101 classes for base64-encoded images."
     def load_context(self, context):
         from nutrilearn_train.persistence import input_side, load_model_config, load_saved_model
-        from nutrilearn_train.data import build_val_transform
+        from nutrilearn_train.data import RequestLimits, build_val_transform
         self.config = load_model_config(context.artifacts['model_config'])
+        if not self.config.get('weights_sha256'):
+            warnings.warn("model_config.json records no weights_sha256 (saved before nutrilearn_train recorded it): the weights "
+                          "are loaded unverified; re-register the version from a retrained model folder to have them checked")
         self.model = load_saved_model(context.artifacts['weights'], self.config)
         c2i = json.loads(Path(context.artifacts['class_to_idx']).read_text())
         if sorted(c2i, key=c2i.get) != list(self.config['class_names']):
             raise ValueError("class_to_idx.json and model_config.json disagree on the classes; re-log the model from its version folder")
         self.transform = build_val_transform(input_side(self.config), int(self.config.get('resize_size', 256)))
+        self.limits = RequestLimits.from_env()   # the server's environment: NUTRILEARN_MAX_IMAGES, …
 
     def predict(self, context, model_input, params=None):
         import torch
-        from nutrilearn_train.data import load_image
-        col = pd.DataFrame(model_input)[SERVING_COLUMN]
-        xb = torch.stack([self.transform(load_image(base64.b64decode(s))) for s in col])
-        with torch.inference_mode(): probs = self.model(xb).float().softmax(1)
-        return topk_frame(probs, self.config['class_names'], (params or {}).get('top_k', 3))
+        from nutrilearn_train.data import check_request
+        names = self.config['class_names']
+        try:   # request-level problems: one clear 400 before any image is decoded
+            k = check_top_k((params or {}).get('top_k', 3), len(names))
+            col = list(pd.DataFrame(model_input)[SERVING_COLUMN])
+            check_request(len(col), sum(len(s) * 3 // 4 for s in col if isinstance(s, str)), self.limits)
+        except ValueError as e: raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(e)) from None
+        xs, errors = prepare_images(col, self.transform, self.limits.max_pixels)
+        good = [x for x in xs if x is not None]
+        with torch.inference_mode(): probs = self.model(torch.stack(good)).float().softmax(1) if good else torch.empty(0, len(names))
+        return topk_frame(probs, names, k, errors)
 
 # %% ../nbs/02c_serving.ipynb #d1008e4a
 if __name__.startswith('code_model_'): mlflow.models.set_model(FoodClassifier())  # MLflow's models-from-code loader
