@@ -119,7 +119,7 @@ def _upload(client, run_id:str, path, artifact_path:Optional[str]=None):
 # %% ../nbs/02g_mlflow_io.ipynb #d64fc58a
 def default_pip_requirements() -> list:
     "What a backend needs to load a logged model: ranges, never pins."
-    return ['torch>=2.2', 'torchvision>=0.17', 'cloudpickle>=2.0']
+    return ['torch>=2.6', 'torchvision>=0.21', 'cloudpickle>=2.0']
 
 def _log_pytorch_model(uri:str, run_id:str, model, name:str, registered_model_name=None, alias=None, pip_requirements=None) -> Optional[int]:
     "Log `model` to `run_id` as an MLflow PyTorch model, register it and set `alias`; returns the version."
@@ -138,7 +138,7 @@ def _log_pytorch_model(uri:str, run_id:str, model, name:str, registered_model_na
 
 def serving_pip_requirements() -> list:
     "What serving the pyfunc needs besides this package (installed in the serving environment: `--env-manager local`)."
-    return ['torch>=2.2', 'torchvision>=0.17', 'Pillow>=9.5', 'pandas']
+    return ['torch>=2.6', 'torchvision>=0.21', 'Pillow>=9.5', 'pandas']
 
 def _log_pyfunc_model(uri:str, run_id:str, model_dir, name:str, registered_model_name=None, alias=None, pip_requirements=None) -> Optional[int]:
     "Log the version folder `model_dir` as the models-from-code pyfunc of `nutrilearn_train/serving.py`, register it, set `alias`."
