@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #e64a33d5
 from __future__ import annotations
-import argparse, json, os, random, warnings
+import argparse, json, os, random, re, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -14,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'BACKBONE_BLOCKS', 'DEVICES', 'OPTIMIZERS', 'SCHEDULERS', 'DATA_PIPELINES', 'PROMOTE_MODES', 'AUGMENTS',
-           'AUGMENT_HELP', 'FLAG_HELP', 'default_tracking_uri', 'check_tracking_uri', 'TrainingConfig',
+           'AUGMENT_HELP', 'FLAG_HELP', 'default_tracking_uri', 'redact_uri', 'check_tracking_uri', 'TrainingConfig',
            'validate_config', 'config_to_dict', 'config_from_dict', 'HelpFormatter', 'load_config_file',
            'parse_arguments', 'config_from_args', 'get_device', 'set_seed', 'seed_worker', 'make_generator']
 
@@ -44,6 +44,13 @@ def _check(ok:bool, msg:str):
 def _one_of(name, value, allowed):
     _check(value in allowed, f"{name} {value!r} is not supported; choose one of: {', '.join(allowed)}")
 
+# %% ../nbs/00_config.ipynb #d8525fb5
+_USERINFO = re.compile(r'([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@')
+
+def redact_uri(text) -> str:
+    "`text` (a URI or any message) with the user-info (`user:password@`) of every URL in it replaced by `***@`."
+    return _USERINFO.sub(r'\1***@', str(text))
+
 # %% ../nbs/00_config.ipynb #4eb27c41
 def check_tracking_uri(uri:str,              # the --tracking-uri
                        env:dict|None=None    # default: `os.environ` (MLFLOW_ALLOW_FILE_STORE)
@@ -52,10 +59,10 @@ def check_tracking_uri(uri:str,              # the --tracking-uri
     env = os.environ if env is None else env
     _check(isinstance(uri, str) and uri.strip() != '', f"tracking_uri must be a non-empty URI, got {uri!r}")
     host_port = '://' not in uri and uri.partition(':')[2].split('/', 1)[0].isdigit()
-    _check(not host_port, f"tracking_uri {uri!r} has no scheme (http://): for an MLflow server write 'http://{uri}' (or https://)")
+    _check(not host_port, f"tracking_uri {redact_uri(uri)!r} has no scheme (http://): for an MLflow server write 'http://{uri}' (or https://)")
     if uri.split(':', 1)[0] == 'file' or '://' not in uri:   # a file store (a bare path is one too)
         _check(str(env.get('MLFLOW_ALLOW_FILE_STORE', '')).lower() in ('true', '1'),
-               f"tracking_uri {uri!r} is a file store, which MLflow 3.13+ refuses unless MLFLOW_ALLOW_FILE_STORE=true is set; "
+               f"tracking_uri {redact_uri(uri)!r} is a file store, which MLflow 3.13+ refuses unless MLFLOW_ALLOW_FILE_STORE=true is set; "
                "set that variable, or use an absolute sqlite:////path/mlflow.db (the default) or an http(s):// server")
     return uri
 
@@ -197,8 +204,8 @@ def _check_recipe(cfg:TrainingConfig):
 
 # %% ../nbs/00_config.ipynb #e710490d
 def config_to_dict(cfg:TrainingConfig) -> dict:
-    "`cfg` as a JSON-serialisable dict."
-    return asdict(cfg)
+    "`cfg` as a JSON-serialisable dict, credentials in `tracking_uri` redacted (what params, checkpoints and artifacts record)."
+    return {**asdict(cfg), 'tracking_uri': redact_uri(cfg.tracking_uri)}
 
 def config_from_dict(d:dict) -> TrainingConfig:
     "A validated `TrainingConfig` from `d`, ignoring unknown keys."

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainingConfig
+from .config import TrainingConfig, redact_uri
 from . import data, metrics, models
 from .persistence import resolve_model_dir, load_model_config, load_saved_model, _underlying
 from .loop import DistInfo
@@ -27,8 +27,8 @@ def load_init_model(ref:str,           # a version folder (outputs/v3), the outp
         import mlflow   # only a registry reference needs MLflow
         try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(download_dir), tracking_uri=tracking_uri)
         except Exception as e:
-            raise ValueError(f"--init-from {ref}: cannot download it from the registry at {tracking_uri} "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the name and alias, or pass a vN/ folder") from None
+            raise ValueError(f"--init-from {ref}: cannot download it from the registry at {redact_uri(tracking_uri)} "
+                             f"({type(e).__name__}: {' '.join(redact_uri(e).split())[:200]}); check the name and alias, or pass a vN/ folder") from None
         d = resolve_model_dir(Path(local)/'artifacts' if (Path(local)/'artifacts').is_dir() else local)
     else: d = resolve_model_dir(ref)
     mc = load_model_config(d)

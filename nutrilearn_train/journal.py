@@ -4,10 +4,12 @@
 
 # %% ../nbs/02i_journal.ipynb #5551f7a8
 from __future__ import annotations
-import argparse, json, os, shutil, sys, time, uuid, warnings
+import argparse, contextlib, json, os, shutil, sys, time, uuid, warnings
 from pathlib import Path
 from typing import Optional
 
+from .config import redact_uri
+from .persistence import atomic_write
 from .mlflow_io import (_check_uri, _log_any_model, _log_dataset, _log_metrics, _log_params, _set_alias, _set_tags, _tag_version,
                         _upload, _with_backoff, bound_http_requests, is_transient, setup_mlflow)
 
@@ -77,6 +79,15 @@ def _load_spooled_model(path):
     model.load_state_dict(ck['state_dict'])
     return model.eval()
 
+# %% ../nbs/02i_journal.ipynb #446809f1
+def _confined(journal, path) -> Path:
+    "`path` of a journal entry, resolved, when it (and every file in it) lies inside `<journal>.files/`; `ValueError` otherwise."
+    root, p = _sidecar(journal, '.files').resolve(), Path(path)
+    for f in [p, *(p.rglob('*') if p.is_dir() else [])]:
+        r = f.resolve()
+        if root not in r.parents: raise ValueError(f"journal entry path {path} resolves to {r}, outside {root}: a journal only uploads its own copies")
+    return p.resolve()
+
 # %% ../nbs/02i_journal.ipynb #fb37e69f
 def _start_pending(client, e:dict, uri:str) -> str:
     "Create the run of a journalled `start` entry (or find the one an interrupted replay created)."
@@ -86,15 +97,18 @@ def _start_pending(client, e:dict, uri:str) -> str:
     return client.create_run(exp, start_time=e['time'], tags={'nutrilearn.pending_run_id': e['run_id']}, run_name=e.get('run_name')).info.run_id
 
 # %% ../nbs/02i_journal.ipynb #f3a3010c
-def _send(client, e:dict, run_id:str, uri:str, attempts:int):
-    "Send one journalled call to `run_id`."
+def _send(client, e:dict, run_id:str, uri:str, attempts:int, journal:Path):
+    "Send one journalled call to `run_id` (files only from inside the journal's `.files/`)."
     op = e['op']
     if op == 'params': _log_params(client, run_id, e['params'])
     elif op == 'metrics': _log_metrics(client, run_id, e['metrics'], e['step'], e.get('timestamp', e['time']))
     elif op == 'tags': _set_tags(client, run_id, e['tags'])
-    elif op == 'artifact': _with_backoff(lambda: _upload(client, run_id, e['path'], e.get('artifact_path')), attempts)
+    elif op == 'artifact':
+        path = _confined(journal, e['path'])
+        _with_backoff(lambda: _upload(client, run_id, path, e.get('artifact_path')), attempts)
     elif op == 'model':
-        model = e['path'] if Path(e['path']).is_dir() else _load_spooled_model(e['path'])   # a spooled version folder, or weights
+        path = _confined(journal, e['path'])
+        model = path if path.is_dir() else _load_spooled_model(path)   # a spooled version folder, or weights
         _log_any_model(uri, run_id, model, e['name'], registered_model_name=e.get('registered_model_name'), alias=e.get('alias'),
                        pip_requirements=e.get('pip_requirements'))
     elif op == 'alias': _set_alias(client, e['name'], e['alias'], e['version'])
@@ -112,30 +126,47 @@ def _finish_journal(journal:Path, n_read:int):
 
 def _drop_spooled(journal:Path, e:dict):
     "Delete the spooled copy a sent `artifact`/`model` entry pointed to (never a file of the user's)."
-    p, spool = Path(e.get('path') or '/'), _sidecar(journal, '.files')
-    if e['op'] in ('artifact', 'model') and spool in p.parents: shutil.rmtree(p.parent, ignore_errors=True)
+    if e['op'] not in ('artifact', 'model') or not e.get('path'): return
+    try: p = _confined(journal, e['path'])
+    except (ValueError, OSError): return   # not ours: never delete it
+    if p.parent != _sidecar(journal, '.files').resolve(): shutil.rmtree(p.parent, ignore_errors=True)
 
-# %% ../nbs/02i_journal.ipynb #ec34a720
+# %% ../nbs/02i_journal.ipynb #14dab8a0
+@contextlib.contextmanager
+def _replay_lock(journal:Path, wait:bool):
+    "Within: this process holds `<journal>.lock` (exclusive); yields False when `wait` is False and another replay holds it."
+    import fcntl
+    with open(_sidecar(journal, '.lock'), 'a') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError: yield False; return
+        try: yield True
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 def replay_journal(journal_path,         # a journal written by `MLflowTracker` during an outage
                    tracking_uri:str,     # where to send it (the server that was down)
-                   attempts:int=4        # tries per artifact upload, with exponential backoff
+                   attempts:int=4,       # tries per artifact upload, with exponential backoff
+                   wait:bool=True        # another replay of this journal is running: wait for it (False: return at once)
                   ) -> dict:
-    "Send the unsent entries of `journal_path`, oldest first; returns counts and the run ids written to."
+    "Send the unsent entries of `journal_path`, oldest first, one replay at a time; returns counts and the run ids written to."
     from mlflow import MlflowClient
     p, res = Path(journal_path), dict(replayed=0, remaining=0, failed=0, runs=[])
     if not p.exists(): return res
-    entries, done, runmap = read_journal(p), _read_done(p), _read_runmap(p)
-    client, todo = MlflowClient(_check_uri(tracking_uri)), [e for e in entries if e['id'] not in done]
-    for i, e in enumerate(todo):
-        try: _replay_entry(client, e, runmap, tracking_uri, p, attempts, res)
-        except Exception as err:
-            if is_transient(err): res['remaining'] = len(todo) - i; break
-            res['failed'] += 1
-            append_journal(_sidecar(p, '.failed.jsonl'), {**e, 'error': f"{type(err).__name__}: {err}"})
-            warnings.warn(f"the tracking server rejected journalled {e['op']!r} call {e['id']} ({err}); kept in {_sidecar(p, '.failed.jsonl')}")
-        with open(_sidecar(p, '.done'), 'a') as f: f.write(e['id'] + '\n')
-        _drop_spooled(p, e)
-    if not res['remaining']: _finish_journal(p, len(entries))
+    client = MlflowClient(_check_uri(tracking_uri))
+    with _replay_lock(p, wait) as mine:
+        if not p.exists(): return res   # the replay we waited for sent everything
+        entries, done, runmap = read_journal(p), _read_done(p), _read_runmap(p)
+        todo = [e for e in entries if e['id'] not in done]
+        if not mine: res['remaining'] = len(todo); return res
+        for i, e in enumerate(todo):
+            try: _replay_entry(client, e, runmap, tracking_uri, p, attempts, res)
+            except Exception as err:
+                if is_transient(err): res['remaining'] = len(todo) - i; break
+                res['failed'] += 1
+                append_journal(_sidecar(p, '.failed.jsonl'), {**e, 'error': f"{type(err).__name__}: {redact_uri(err)}"})
+                warnings.warn(f"the tracking server rejected journalled {e['op']!r} call {e['id']} ({redact_uri(err)}); kept in {_sidecar(p, '.failed.jsonl')}")
+            with open(_sidecar(p, '.done'), 'a') as f: f.write(e['id'] + '\n'); f.flush(); os.fsync(f.fileno())
+            _drop_spooled(p, e)
+        if not res['remaining']: _finish_journal(p, len(entries))
     return res
 
 # %% ../nbs/02i_journal.ipynb #bead166a
@@ -143,8 +174,8 @@ def _replay_entry(client, e:dict, runmap:dict, uri:str, journal:Path, attempts:i
     "Send one entry, creating its run first when it is a pending `start`."
     if e['op'] == 'start':
         runmap[e['run_id']] = _start_pending(client, e, uri)
-        _sidecar(journal, '.runs.json').write_text(json.dumps(runmap))
-    else: _send(client, e, runmap.get(e['run_id'], e['run_id']), uri, attempts)
+        atomic_write(_sidecar(journal, '.runs.json'), lambda f: f.write(json.dumps(runmap).encode()), 'journal run map')
+    else: _send(client, e, runmap.get(e['run_id'], e['run_id']), uri, attempts, journal)
     res['replayed'] += 1
     rid = runmap.get(e['run_id'], e['run_id'])
     if rid not in res['runs']: res['runs'].append(rid)

@@ -8,7 +8,7 @@ import json, os, time, warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import check_tracking_uri, default_tracking_uri
+from .config import check_tracking_uri, default_tracking_uri, redact_uri
 
 # %% auto #0
 __all__ = ['HTTP_LIMITS', 'split_params', 'bound_http_requests', 'is_transient', 'setup_mlflow', 'default_pip_requirements',
@@ -52,9 +52,11 @@ def is_transient(e:BaseException) -> bool:
 
 # %% ../nbs/02g_mlflow_io.ipynb #cc2165c3
 def _check_uri(uri) -> str:
-    "`uri` if MLflow can use it (`config.check_tracking_uri`: file stores only with MLFLOW_ALLOW_FILE_STORE=true)."
+    "`uri` if MLflow can use it (`config.check_tracking_uri`); with credentials in it, MLflow is told not to print run URLs."
     if not isinstance(uri, str): raise ValueError(f"tracking_uri must be a string URI, got {uri!r}")
-    return check_tracking_uri(uri)
+    check_tracking_uri(uri)
+    if redact_uri(uri) != uri: os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'] = 'true'   # "View run at http://user:pw@…"
+    return uri
 
 def _artifact_root(uri:str) -> Optional[str]:
     "The `mlartifacts` folder beside a sqlite database (created with it); None for other stores."

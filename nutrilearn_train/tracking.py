@@ -8,6 +8,7 @@ import dataclasses, sys, threading, time, uuid, warnings
 from pathlib import Path
 from typing import Callable, Optional, Protocol, runtime_checkable
 
+from .config import redact_uri
 from .mlflow_io import (_changed_tags, _check_uri, _log_any_model, _log_dataset, _log_metrics, _log_params, _set_alias, _set_tags,
                         _tag_version, _upload, _version_by_alias, _with_backoff, bound_http_requests, is_transient, setup_mlflow, split_params)
 from .journal import JOURNAL_NAME, _read_done, _read_runmap, _sidecar, _spool_any, _spool_copy, append_journal, read_journal, replay_journal
@@ -247,20 +248,21 @@ class MLflowTracker:
 def _(self, why):
     "Enter (or stay in) outage mode; warn once per outage."
     if not self._offline:
-        warnings.warn(f"MLflow at {self.tracking_uri} is unreachable since {time.strftime('%H:%M:%S')} ({str(why)[:200]}); "
+        uri = redact_uri(self.tracking_uri)
+        warnings.warn(f"MLflow at {uri} is unreachable since {time.strftime('%H:%M:%S')} ({redact_uri(why)[:200]}); "
                       f"training continues and tracking calls are journalled to {self.journal_path}, replayed when it is back "
-                      f"(or run: nutrilearn-replay --journal {self.journal_path} --tracking-uri {self.tracking_uri})", stacklevel=4)
+                      f"(or run: nutrilearn-replay --journal {self.journal_path} --tracking-uri {uri})", stacklevel=4)
     self._offline, self._last_try = True, time.monotonic()
 
 @_method(MLflowTracker, '_reconnect')
 def _(self) -> bool:
     "Replay the journal; True (and online again) when nothing is left in it."
     self._last_try = time.monotonic()
-    res = replay_journal(self.journal_path, self.tracking_uri, attempts=self.artifact_attempts)
+    res = replay_journal(self.journal_path, self.tracking_uri, attempts=self.artifact_attempts, wait=False)   # never block training
     if self._run_id: self._run_id = _read_runmap(self.journal_path).get(self._run_id, self._run_id)
     if res['remaining']: return False
     if self._offline or res['replayed']:
-        print(f"MLflow at {self.tracking_uri} is reachable: replayed {res['replayed']} journalled call(s)", file=sys.stderr)
+        print(f"MLflow at {redact_uri(self.tracking_uri)} is reachable: replayed {res['replayed']} journalled call(s)", file=sys.stderr)
     self._offline = False
     return True
 
@@ -309,7 +311,7 @@ def _(self, run_name, run_id) -> str:
     try: c.get_run(run_id)
     except Exception as e:
         if getattr(e, 'error_code', None) != 'RESOURCE_DOES_NOT_EXIST': raise
-        raise ValueError(f"cannot resume run {run_id!r}: it does not exist in {self.tracking_uri} (a different tracking URI?)") from e
+        raise ValueError(f"cannot resume run {run_id!r}: it does not exist in {redact_uri(self.tracking_uri)} (a different tracking URI?)") from e
     c.update_run(run_id, status='RUNNING')
     return run_id
 
@@ -386,7 +388,7 @@ def _(self, status:str='FINISHED'):
         if self.journal_path.exists():
             left = len(read_journal(self.journal_path)) - len(_read_done(self.journal_path))
             warnings.warn(f"{left} tracking call(s) of run {self._run_id} are still journalled in {self.journal_path}; when "
-                          f"the server is back run: nutrilearn-replay --journal {self.journal_path} --tracking-uri {self.tracking_uri}")
+                          f"the server is back run: nutrilearn-replay --journal {self.journal_path} --tracking-uri {redact_uri(self.tracking_uri)}")
 
 # %% ../nbs/02j_tracking.ipynb #cdc9ae90
 JOURNAL_NAME = 'mlflow_journal.jsonl'  # written in the checkpoint folder by training
@@ -408,17 +410,25 @@ def _(self, op:str, payload:dict, call:Callable, default=None, spool:Optional[Ca
     "`call()`, or on any exception: report (first time), journal `op` with `payload`, return `default`."
     try: return call()
     except Exception as e:
-        cause = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        cause = f"{type(e).__name__}: {' '.join(redact_uri(e).split())[:300]}"
         self.failures.append((op, cause))
         if len(self.failures) == 1:
             warnings.warn(f"tracking call {op!r} failed ({cause}); training continues. Failed tracking calls are journalled to "
                           f"{self.journal_path}; send them later with: nutrilearn-replay --journal {self.journal_path} "
-                          f"--tracking-uri {self.tracking_uri or 'URI'}", stacklevel=3)
+                          f"--tracking-uri {redact_uri(self.tracking_uri) or 'URI'}", stacklevel=3)
         if journal:
             try: extra = spool(_sidecar(self.journal_path, '.files') / uuid.uuid4().hex) if spool else {}
             except Exception: extra = {}   # e.g. a model the journal cannot rebuild: the call is still recorded
-            append_journal(self.journal_path, {'op': op, 'run_id': self.run_id, **payload, **extra})
+            self._append({'op': op, 'run_id': self.run_id, **payload, **extra})
         return default
+
+@_method(GuardedTracker, '_append')
+def _(self, entry:dict):
+    "Journal `entry`; when the disk is full (or the folder unwritable) warn what was lost and where space is needed, and go on."
+    try: append_journal(self.journal_path, entry)
+    except OSError as e:
+        warnings.warn(f"could not journal the tracking call {entry['op']!r} to {self.journal_path} ({type(e).__name__}: {e}); it is lost "
+                      f"(training goes on): free space in {self.journal_path.parent}", stacklevel=4)
 
 # %% ../nbs/02j_tracking.ipynb #fb03ae36
 @_method(GuardedTracker, 'start')
@@ -427,8 +437,8 @@ def _(self, run_name=None, run_id=None):
     started = self._guard('start', {}, lambda: self.inner.start(run_name=run_name, run_id=run_id) or True, journal=False)
     if started is None:   # the start failed (a tracker that records nothing, like `NullTracker`, returns None and that is fine)
         self._pending = run_id or f"pending-{uuid.uuid4().hex}"
-        if not run_id: append_journal(self.journal_path, {'op': 'start', 'run_id': self._pending, 'run_name': run_name,
-                                                          'experiment_name': getattr(self.inner, 'experiment_name', 'food-101-classification')})
+        if not run_id: self._append({'op': 'start', 'run_id': self._pending, 'run_name': run_name,
+                                     'experiment_name': getattr(self.inner, 'experiment_name', 'food-101-classification')})
     return self.run_id
 
 for _op, _name, _keys in [('params', 'log_params', ('params',)), ('tags', 'set_tags', ('tags',)), ('end', 'end', ('status',)),

@@ -14,7 +14,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainingConfig, config_to_dict, config_from_dict, config_from_args, parse_arguments, set_seed
+from .config import TrainingConfig, redact_uri, config_to_dict, config_from_dict, config_from_args, parse_arguments, set_seed
 from .data import InsufficientSpaceError
 from . import data, gpu_data, models, tracking
 from .persistence import read_checkpoint
@@ -196,7 +196,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
     except KeyboardInterrupt: tracker.end('KILLED'); raise
     except BaseException: tracker.end('FAILED'); raise
     tracker.end('FINISHED'); teardown_distributed()
-    if vdir: print(f"artifacts: {vdir.resolve()}\nMLflow run id: {tracker.run_id} (tracking URI {cfg.tracking_uri})", flush=True)
+    if vdir: print(f"artifacts: {vdir.resolve()}\nMLflow run id: {tracker.run_id} (tracking URI {redact_uri(cfg.tracking_uri)})", flush=True)
     return dict(run_id=tracker.run_id, model_dir=vdir and str(vdir), best_accuracy=res['best_accuracy'], history=res['history'],
                 stopped_early=res['stopped_early'])
 
@@ -219,16 +219,16 @@ def main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     args = parse_arguments(argv)
     rank = os.environ.get('RANK') if 'WORLD_SIZE' in os.environ else None   # under torchrun: name the rank that failed
     who = f"nutrilearn-train: rank {rank} failed: " if rank is not None else "nutrilearn-train: "
-    fmt, warnings.formatwarning = warnings.formatwarning, lambda msg, *a, **k: f"warning: {msg}\n"
+    fmt, warnings.formatwarning = warnings.formatwarning, lambda msg, *a, **k: f"warning: {redact_uri(msg)}\n"   # no credentials on screen
     try:
         with sigterm_as_interrupt() if rank is not None else nullcontext(): train(config_from_args(args), resume=args.resume)
     except KeyboardInterrupt:
         print(f"{who}interrupted; continue with --resume last", file=sys.stderr); return 130
     except USER_ERRORS as e:
-        print(f"{who}error: {' '.join(str(e).split())}", file=sys.stderr); return 1
+        print(f"{who}error: {' '.join(redact_uri(e).split())}", file=sys.stderr); return 1
     except Exception as e:   # under torchrun: exit non-zero with the rank named, so torchrun stops the other ranks
         if rank is None: raise
-        traceback.print_exc(); print(f"{who}{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr); return 1
+        print(redact_uri(traceback.format_exc()), file=sys.stderr); print(f"{who}{type(e).__name__}: {' '.join(redact_uri(e).split())}", file=sys.stderr); return 1
     finally: warnings.formatwarning = fmt
     return 0
 

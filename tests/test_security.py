@@ -317,3 +317,115 @@ def test_13_mining_csv_names_are_text_not_spreadsheet_formulas(tmp_path):
     cells = [v for r in rows for v in r.values()]
     assert not [v for v in cells if v[:1] in ('=', '+', '@') or (v[:1] == '-' and not v[1:].replace('.', '').isdigit())], cells
     assert sorted(r['image'] for r in rows) == sorted("'" + n if n[0] in '=+-@' else n for n in names)
+
+
+# ---------------------------------------------------------------- 4: credentials in the tracking URI never leak
+
+SENTINEL = 'S3ntinel-pw-4f9a1c'
+MINI = ROOT.parent/'shared/data/food-101-mini'
+
+
+def _grep_tree(root:Path, needle:str) -> list:
+    "Files under `root` whose bytes contain `needle` (zip/pt archives included: they store the strings uncompressed)."
+    return [p for p in root.rglob('*') if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize('server', ['up', 'down'])
+def test_4_a_password_in_the_tracking_uri_is_never_written_or_printed(mlflow_server, tmp_path, server):
+    "The real CLI with `http://user:SENTINEL@host`: outputs, checkpoints, journal, MLflow params/tags and stdout/stderr never hold it."
+    if not MINI.is_dir(): pytest.skip(f"the food-101-mini sample is missing at {MINI}")
+    from mlflow import MlflowClient
+    port = mlflow_server.rsplit(':', 1)[1] if server == 'up' else '1'
+    uri = f"http://nutri:{SENTINEL}@127.0.0.1:{port}"
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0', 'MLFLOW_HTTP_REQUEST_TIMEOUT': '3'}
+    r = subprocess.run([str(BIN/'nutrilearn-train'), '--data-dir', str(MINI), '--no-pretrained', '--max-per-class', '2', '--epochs', '1',
+                        '--batch-size', '4', '--num-workers', '0', '--device', 'cpu', '--freeze-layers', '-1', '--tracking-uri', uri,
+                        '--experiment-name', f'creds-{server}', '--checkpoint-dir', str(tmp_path/'ck'), '--output-dir', str(tmp_path/'out')],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert SENTINEL not in r.stdout and SENTINEL not in r.stderr, (r.stdout[-2000:], r.stderr[-2000:])
+    assert 'nutri:' not in r.stdout + r.stderr and '***@127.0.0.1' in r.stdout   # redacted where it is printed
+    assert _grep_tree(tmp_path, SENTINEL) == []          # outputs/, ck/ (checkpoints, journal and its files) and anything else
+    if server == 'down':
+        assert (tmp_path/'ck'/'mlflow_journal.jsonl').is_file()   # the outage really was journalled, without the password
+    else:
+        c = MlflowClient(mlflow_server)
+        run = c.get_run(r.stdout.split('MLflow run id: ')[1].split()[0])
+        assert run.data.params['tracking_uri'] == f"http://***@127.0.0.1:{port}"
+        assert not any(SENTINEL in v for d in (run.data.params, run.data.tags) for v in d.values())
+        assert _grep_tree(mlflow_server_root(mlflow_server), SENTINEL) == []   # nor anything the server stored
+
+
+def mlflow_server_root(uri:str) -> Path:
+    "The folder of the session's mlflow server (its sqlite store and artifacts), found from its process."
+    import psutil
+    port = uri.rsplit(':', 1)[1]
+    for p in psutil.process_iter(['cmdline']):
+        cmd = p.info['cmdline'] or []
+        if 'server' in cmd and '--port' in cmd and cmd[cmd.index('--port') + 1] == port:
+            return Path(cmd[cmd.index('--artifacts-destination') + 1]).parent
+    raise AssertionError(f"no mlflow server process on port {port}")
+
+
+# ---------------------------------------------------------------- 6: a crafted journal stays in its folder; replays take turns
+
+def _journal_with(tmp_path:Path, *entries) -> Path:
+    from nutrilearn_train.journal import append_journal
+    j = tmp_path/'ck'/'mlflow_journal.jsonl'
+    append_journal(j, {'op': 'start', 'run_id': 'pending-x', 'experiment_name': 'crafted', 'run_name': 'crafted'})
+    for e in entries: append_journal(j, {'run_id': 'pending-x', **e})
+    return j
+
+
+def test_6_a_journal_entry_cannot_upload_or_delete_files_outside_its_folder(tmp_path):
+    from mlflow import MlflowClient
+    secret = tmp_path/'home'/'id_rsa'; secret.parent.mkdir(); secret.write_text('PRIVATE KEY')
+    spool = tmp_path/'ck'/'mlflow_journal.jsonl.files'; (spool/'a').mkdir(parents=True)
+    (spool/'a'/'link.txt').symlink_to(secret)
+    j = _journal_with(tmp_path, {'op': 'artifact', 'path': str(spool/'a'/'..'/'..'/'..'/'home'/'id_rsa'), 'artifact_path': 'dotdot'},
+                      {'op': 'artifact', 'path': str(secret), 'artifact_path': 'absolute'},
+                      {'op': 'artifact', 'path': str(spool/'a'/'link.txt'), 'artifact_path': 'symlink'})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = subprocess.run([str(BIN/'nutrilearn-replay'), '--journal', str(j), '--tracking-uri', uri], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and '3 rejected' in r.stdout, (r.stdout, r.stderr[-2000:])
+    c = MlflowClient(uri)
+    run = c.search_runs([c.get_experiment_by_name('crafted').experiment_id])[0]
+    assert c.list_artifacts(run.info.run_id) == []                     # nothing was uploaded
+    assert secret.read_text() == 'PRIVATE KEY' and secret.parent.is_dir()   # nothing outside was deleted
+    failed = [json.loads(l) for l in (tmp_path/'ck'/'mlflow_journal.jsonl.failed.jsonl').read_text().splitlines()]
+    assert [e['artifact_path'] for e in failed] == ['dotdot', 'absolute', 'symlink'] and all('outside' in e['error'] for e in failed)
+
+
+def test_6_two_replays_at_once_register_the_model_once(tmp_path):
+    "A resumed run's replay and `nutrilearn-replay` in a shell, at the same time: they take turns on the journal's lock."
+    from mlflow import MlflowClient
+    from nutrilearn_train.journal import _sidecar, _spool_model
+    from nutrilearn_train.models import build_model
+    j = tmp_path/'ck'/'mlflow_journal.jsonl'
+    spooled = _spool_model(build_model('mobilenet_v2', 3, pretrained=False), _sidecar(j, '.files')/'m')
+    j = _journal_with(tmp_path, {'op': 'model', 'name': 'model', 'registered_model_name': 'twice', 'alias': 'champion', 'pip_requirements': None, **spooled})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()   # create the store's tables first: two processes creating them at once is MLflow's race, not ours
+    ps = [subprocess.Popen([str(BIN/'nutrilearn-replay'), '--journal', str(j), '--tracking-uri', uri], stdout=subprocess.PIPE, text=True)
+          for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in ps]
+    assert all(p.returncode == 0 for p in ps), outs
+    assert len(MlflowClient(uri).search_model_versions("name='twice'")) == 1, outs
+    assert sorted('replayed 2 call(s)' in o for o in outs) == [False, True], outs   # one sent it, the other found it done
+
+
+# ---------------------------------------------------------------- 10: a full disk while journalling does not end training
+
+def test_10_a_full_disk_while_journalling_warns_and_training_goes_on(tmp_path, monkeypatch):
+    import errno
+    from nutrilearn_train import tracking
+    from nutrilearn_train.test_utils import synth_loaders, tiny, tiny_cfg, quiet
+    from nutrilearn_train.train import fit
+    def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(tracking, 'append_journal', full)
+    class Down(tracking.InMemoryTracker):
+        def log_metrics(self, metrics, step): raise ConnectionError('tracking server unreachable')
+    g = tracking.GuardedTracker(Down(), tmp_path/'ck'/tracking.JOURNAL_NAME); g.start()
+    with pytest.warns(UserWarning, match=r"could not journal the tracking call 'metrics'.*No space left on device.*free space in"):
+        res, _ = quiet(fit, tiny(), *synth_loaders(), tiny_cfg(tmp_path, epochs=2), tracker=g, progress=False)
+    assert [h['epoch'] for h in res['history']] == [1, 2] and (tmp_path/'ck'/'last.pth').is_file()
