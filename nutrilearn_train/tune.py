@@ -59,7 +59,11 @@ def open_study(name:str, storage:str, seed:int=42, pruner:str='median', n_startu
     "Create or load the study `name` in `storage` (minimising validation loss), with a median pruner unless `pruner='none'`."
     optuna = require_optuna()
     if pruner not in ('median', 'none'): raise ValueError(f"pruner {pruner!r} is not supported; choose one of: median, none")
-    st = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+    sqlite = storage.startswith('sqlite')   # several workers share one file: wait for the lock (60 s) instead of losing a trial to it
+    st = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                                    engine_kwargs={'connect_args': {'timeout': 60}} if sqlite else None)
+    if sqlite:   # readers (the heartbeat thread, a second worker) no longer block a writer
+        with st.engine.connect() as c: c.exec_driver_sql('PRAGMA journal_mode=WAL')
     n = len(st.get_all_trials(st.get_study_id_from_name(name))) if name in [s.study_name for s in optuna.get_all_study_summaries(st)] else 0
     pr = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials) if pruner == 'median' else optuna.pruners.NopPruner()
     # seeded by the trials already there: a fresh study is reproducible, a process joining a study samples other points
@@ -151,9 +155,9 @@ def plot_study(trials:list, folder:str|Path) -> list:
 
 # %% ../nbs/03d_tune.ipynb #465569fd
 def best_config(study, base:TrainingConfig) -> dict:
-    "The best complete trial's config as a dict, with `base`'s folders."
+    "The best complete trial's config as a dict, with `base`'s folders and without a tracking URI (the user's own applies)."
     cfg = dict(study.best_trial.user_attrs['config'])
-    cfg.update(output_dir=base.output_dir, checkpoint_dir=base.checkpoint_dir)
+    cfg.update(output_dir=base.output_dir, checkpoint_dir=base.checkpoint_dir); cfg.pop('tracking_uri', None)
     return cfg
 
 # %% ../nbs/03d_tune.ipynb #cf235034

@@ -429,3 +429,25 @@ def test_10_a_full_disk_while_journalling_warns_and_training_goes_on(tmp_path, m
     with pytest.warns(UserWarning, match=r"could not journal the tracking call 'metrics'.*No space left on device.*free space in"):
         res, _ = quiet(fit, tiny(), *synth_loaders(), tiny_cfg(tmp_path, epochs=2), tracker=g, progress=False)
     assert [h['epoch'] for h in res['history']] == [1, 2] and (tmp_path/'ck'/'last.pth').is_file()
+
+
+# ---------------------------------------------------------------- 13: a study on SQLite does not lose a trial to "database is locked"
+
+def test_13_a_tune_study_on_sqlite_waits_for_a_busy_database(tmp_path):
+    "Another worker holds the write lock for 7 s (longer than SQLite's default 5 s wait): telling the trial still succeeds."
+    import sqlite3, threading, time
+    pytest.importorskip('optuna')
+    from nutrilearn_train.tune import open_study
+    db = tmp_path/'optuna.db'
+    study = open_study('busy', f'sqlite:///{db}')
+    trial = study.ask()
+    locked, release = threading.Event(), threading.Event()
+    def hold():
+        con = sqlite3.connect(db, timeout=0); con.execute('BEGIN IMMEDIATE'); locked.set()
+        release.wait(7); con.rollback(); con.close()
+    t = threading.Thread(target=hold); t.start(); locked.wait(10)
+    threading.Timer(7, release.set).start()
+    t0 = time.monotonic()
+    study.tell(trial, 0.5)                               # waits for the lock instead of raising OperationalError
+    t.join()
+    assert time.monotonic() - t0 >= 5 and [tr.state.name for tr in open_study('busy', f'sqlite:///{db}').trials] == ['COMPLETE']
