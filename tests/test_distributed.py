@@ -237,6 +237,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ck['model_state_dict'])
     torch.manual_seed(0)
     model = models.build_model('mobilenet_v2', 10, pretrained=False)
+    models.freeze_layers(model, ck['config']['freeze_layers'])   # the job's recipe: the optimizer holds the same parameters
     opt = build_optimizer(model)
     assert load_checkpoint(tmp_path/'ck/last.pth', model, opt)[0] == 2              # reloads in one process, optimizer included
     weights = torch.load(tmp_path/'out/v1/food_model_v1.pth', weights_only=True)

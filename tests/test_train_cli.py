@@ -112,7 +112,7 @@ def test_outage_journals_then_replay_delivers_everything(mlflow_server, tmp_path
         run_id = runs[0].info.run_id
         assert all([s for s, _ in history(client, run_id)[k]] == [1, 2] for k in METRICS)
         assert runs[0].data.params['model_name'] == 'mobilenet_v2' and runs[0].info.status == 'FINISHED'
-        assert len(client.list_artifacts(run_id, 'model_artifacts')) == 3
+        assert len(client.list_artifacts(run_id, f'models/{name}/v1')) == 3   # log_model_artifact: the weights and both JSON files
         assert client.get_model_version_by_alias(name, 'challenger').run_id == run_id   # promotion waits for nutrilearn-promote
     finally: proxy.stop()
 
