@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #e64a33d5
 from __future__ import annotations
-import argparse, json, os, random, re, warnings
+import argparse, json, math, os, random, re, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -75,6 +75,11 @@ class TrainingConfig:
     pretrained: bool = True             # start from torchvision's ImageNet weights
     freeze_layers: int = 10             # the design's: freeze the first 10 backbone blocks (0 none, -1 all; see BACKBONE_BLOCKS)
     train_bn: bool = False              # BatchNorm of frozen blocks keeps training (fastai's default); off: frozen blocks never change
+    freeze_epochs: int = 0              # epochs that train the head alone (whole backbone frozen) before freeze_layers applies (0: off)
+    layer_decay: float = 1.0            # per-block learning rates: backbone block i of n at learning_rate * layer_decay**(n - i) (1: off)
+    ema_decay: float = 0.0              # EMA of the weights, validated each epoch and shipped when better (0: off)
+    mixup: float = 0.0                  # mixup alpha: Beta(alpha, alpha) blend of each training batch with its reverse (0: off)
+    cutmix: float = 0.0                 # cutmix alpha (0: off); with mixup too, one of the two per batch
     epochs: int = 20
     batch_size: int = 32                # per process
     learning_rate: float = 0.001
@@ -158,6 +163,7 @@ def validate_config(cfg:TrainingConfig):
         v = getattr(cfg, name)
         _check(isinstance(v, (str, os.PathLike)) and str(v).strip() != '', f"{name} must be a non-empty path or name, got {v!r}")
     _check(cfg.max_per_class is None or cfg.max_per_class >= 1, f"max_per_class must be >= 1 or None, got {cfg.max_per_class!r}")
+    _check_finetune(cfg)
     check_tracking_uri(cfg.tracking_uri)
     _check_recipe(cfg)
 
@@ -202,6 +208,21 @@ def _check_recipe(cfg:TrainingConfig):
            "augment 'trivialaugment' runs on the CPU data pipeline only (TrivialAugmentWide works on PIL images); "
            "use --data-pipeline cpu or auto, or --augment seed to keep the GPU pipeline")
 
+# %% ../nbs/00_config.ipynb #d879a52d
+def _check_finetune(cfg:TrainingConfig):
+    "Raise `ValueError` unless freeze epochs, layer decay, weight EMA and mixup/cutmix are usable together."
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    fe = cfg.freeze_epochs
+    _check(isinstance(fe, int) and not isinstance(fe, bool) and fe >= 0, f"freeze_epochs must be an integer >= 0 (0: off), got {fe!r}")
+    _check(fe < cfg.epochs, f"freeze_epochs must be below epochs (at least one epoch after unfreezing), got freeze_epochs={fe}, "
+           f"epochs={cfg.epochs}; raise --epochs or lower --freeze-epochs")
+    _check(not (fe and cfg.freeze_layers == -1), f"freeze_epochs={fe} trains the head alone before unfreezing, but --freeze-layers -1 "
+           "keeps the whole backbone frozen for good; pass --freeze-layers 0 (or k: the first k blocks stay frozen), or --freeze-epochs 0")
+    _check(num(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1] (1: one learning rate for all layers), got {cfg.layer_decay!r}")
+    _check(num(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1) (0: no EMA; 0.99-0.9999 is usual), got {cfg.ema_decay!r}")
+    for n in ('mixup', 'cutmix'):
+        _check(num(getattr(cfg, n)) and getattr(cfg, n) >= 0, f"{n} must be an alpha >= 0 (0: off), got {getattr(cfg, n)!r}")
+
 # %% ../nbs/00_config.ipynb #e710490d
 def config_to_dict(cfg:TrainingConfig) -> dict:
     "`cfg` as a JSON-serialisable dict, credentials in `tracking_uri` redacted (what params, checkpoints and artifacts record)."
@@ -219,6 +240,15 @@ FLAG_HELP = dict(
     freeze_layers='freeze the first k backbone blocks (0 none, -1 the whole backbone; mobilenet_v2 has 19, efficientnet_b0 18, '
                   'resnet50 17; the default 10 is about the first half); frozen blocks do not change at all, BatchNorm statistics included',
     train_bn='let the BatchNorm layers of frozen blocks keep training (fastai\'s train_bn: their weights learn, their statistics follow the batches)', epochs='maximum number of epochs',
+    freeze_epochs='epochs that train the head alone (the whole backbone frozen, BatchNorm statistics too unless --train-bn) before '
+                  '--freeze-layers applies, as fastai\'s fine_tune (0: off)',
+    layer_decay='per-block learning rates (BEiT/timm layer decay): backbone block i of n, input side first from 0, trains at '
+                'LEARNING_RATE * LAYER_DECAY**(n - i), the head at LEARNING_RATE (1: one rate for all; 0.65-0.8 is usual)',
+    ema_decay='keep an exponential moving average of the weights (timm\'s ModelEmaV2), validate it every epoch and ship it when its '
+              'validation loss is lower (0: off; 0.99-0.9999 is usual, higher for longer runs)',
+    mixup='mixup alpha: blend each training batch with its reverse, weight ~ Beta(alpha, alpha) (0: off; timm uses 0.8)',
+    cutmix='cutmix alpha: paste a box of the reversed batch, area ~ Beta(alpha, alpha) (0: off; timm uses 1.0); with --mixup too, '
+           'each batch gets one of the two',
     batch_size='images per step (per process)', learning_rate='initial learning rate', weight_decay='L2 weight decay',
     optimizer='optimizer', scheduler='learning-rate schedule (plateau = reduce_on_plateau)',
     scheduler_patience='reduce_on_plateau: flat epochs before the LR drops', scheduler_factor='reduce_on_plateau: LR multiplier',

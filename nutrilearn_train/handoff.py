@@ -20,16 +20,20 @@ __all__ = ['reload_check']
 
 # %% ../nbs/03a_handoff.ipynb #2217969d
 def _restore_selected(model, cfg:TrainingConfig, res:dict) -> tuple:
-    "Load the selected (lowest validation loss) epoch's weights into `model`; `(epoch, its val accuracy)` actually held."
+    "Load the selected epoch's weights (lowest validation loss: the model's or their EMA's) into `model`; `(epoch, its val accuracy, 'model' or 'ema')`."
     best, sel_acc = Path(cfg.checkpoint_dir)/'best.pth', res['best_accuracy']
     ck = read_checkpoint(best) if res['best_epoch'] and best.is_file() else None
-    if ck is not None and ck['epoch'] == res['best_epoch']: restore_checkpoint(ck, model, restore_rng=False); return res['best_epoch'], sel_acc
+    if ck is not None and ck['epoch'] == res['best_epoch']:
+        restore_checkpoint(ck, model, restore_rng=False)
+        which = 'ema' if ck.get('selected_weights') == 'ema' else 'model'   # older checkpoints: the model's
+        if which == 'ema': _underlying(model).load_state_dict(ck['ema'])
+        return res['best_epoch'], sel_acc, which
     if res['best_epoch'] and res['history']:  # a best.pth write failed or was interrupted: say so, report what is saved
         last = res['history'][-1]
         warnings.warn(f"{best} does not hold epoch {res['best_epoch']}'s weights (a checkpoint write failed or was interrupted); "
                       f"saving the final weights (epoch {last['epoch']}, val accuracy {last['val_accuracy']:.2%}) instead")
-        return last['epoch'], last['val_accuracy']
-    return res['best_epoch'], sel_acc
+        return last['epoch'], last['val_accuracy'], 'model'
+    return res['best_epoch'], sel_acc, 'model'
 
 def _update_model_config(vdir:Path, **kw) -> dict:
     "Add `kw` to `vdir/model_config.json` (atomically)."
@@ -103,10 +107,10 @@ def reload_check(vdir:Path, image, label:int|None=None, names:list|None=None, to
 # %% ../nbs/03a_handoff.ipynb #53a04298
 def _finish(model, cfg:TrainingConfig, class_to_idx:dict, res:dict, tracker, device='cpu') -> Path:
     "Write the artifact folder first, evaluate on the test split, then log, register and (gated) promote."
-    sel_epoch, sel_acc = _restore_selected(model, cfg, res)
+    sel_epoch, sel_acc, sel_weights = _restore_selected(model, cfg, res)
     cpu_model = copy.deepcopy(_underlying(model)).to('cpu', memory_format=torch.contiguous_format).eval()
     vdir = save_model_artifacts(cpu_model, class_to_idx, cfg, output_dir=cfg.output_dir, best_accuracy=sel_acc,   # the validation accuracy of the weights shipped
-                                extra=dict(selected_epoch=sel_epoch, selected_val_accuracy=sel_acc, mlflow_run_id=tracker.run_id,
+                                extra=dict(selected_epoch=sel_epoch, selected_weights=sel_weights, selected_val_accuracy=sel_acc, mlflow_run_id=tracker.run_id,
                                            registered_model_name=cfg.registered_model_name, registered_model_version=None))
     test = _evaluate_test(_underlying(model).eval(), cfg, class_to_idx, vdir, device)
     fp = test['fingerprint'] if test else tracking.data_fingerprint(sorted(class_to_idx, key=class_to_idx.get), [])

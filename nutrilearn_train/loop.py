@@ -9,8 +9,10 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,12 +24,13 @@ from .persistence import (atomic_write, checkpoint_state, check_free_space, save
                                           restore_checkpoint, _underlying)
 
 # %% auto #0
-__all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'METRICS_MARK', 'EarlyStopping', 'build_optimizer', 'build_scheduler',
-           'step_scheduler', 'warmup_cosine_factor', 'amp_dtype_for', 'amp_settings', 'cuda_speedups',
-           'NonFiniteLossError', 'StepGuard', 'DistInfo', 'dist_from_env', 'dist_timeout', 'setup_distributed',
-           'teardown_distributed', 'all_reduce_sums', 'broadcast_buffers', 'train_epoch', 'validate_epoch',
-           'prune_checkpoints', 'save_epoch_checkpoints', 'start_epoch', 'TrainingDivergedError', 'mark_logged',
-           'logged_epoch', 'fit']
+__all__ = ['OOM_LAST_RESORT', 'DIST_TIMEOUT_S', 'METRICS_MARK', 'EXTRA_METRICS', 'EarlyStopping', 'build_optimizer',
+           'stage_params', 'layer_scales', 'head_lr', 'build_scheduler', 'step_scheduler', 'warmup_cosine_factor',
+           'amp_dtype_for', 'amp_settings', 'cuda_speedups', 'NonFiniteLossError', 'StepGuard', 'DistInfo',
+           'dist_from_env', 'dist_timeout', 'setup_distributed', 'teardown_distributed', 'all_reduce_sums',
+           'broadcast_buffers', 'sample_mix', 'mix_rng', 'mix_batch', 'BatchMixer', 'ModelEma', 'train_epoch',
+           'validate_epoch', 'prune_checkpoints', 'save_epoch_checkpoints', 'start_epoch', 'freeze_phase',
+           'apply_freeze_phase', 'TrainingDivergedError', 'mark_logged', 'logged_epoch', 'fit']
 
 # %% ../nbs/03_loop.ipynb #4cb3d523
 class EarlyStopping:
@@ -52,15 +55,47 @@ class EarlyStopping:
 
 # %% ../nbs/03_loop.ipynb #7842af4f
 def build_optimizer(model:nn.Module, name:str='adam', # one of `OPTIMIZERS`
-                    lr:float=1e-3, weight_decay:float=1e-4, momentum:float=0.9 # sgd only
+                    lr:float=1e-3, weight_decay:float=1e-4, momentum:float=0.9, # sgd only
+                    layer_decay:float=1.0 # < 1: one group per stage of `stage_params`, block i of n at lr * layer_decay**(n - i)
                    ) -> torch.optim.Optimizer:
-    "An optimizer over the trainable parameters of `model`."
+    "An optimizer over the trainable parameters of `model`; with layer decay, one group per stage (the head's last)."
     if name not in OPTIMIZERS: raise ValueError(f"optimizer {name!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("the model has no trainable parameters; freeze fewer layers (freeze_layers=0)")
+    groups = [dict(params=params)]
+    if layer_decay != 1:   # stages without a trainable parameter (frozen blocks) get no group
+        stages = stage_params(model)
+        groups = [dict(params=ps, lr=lr * s, lr_scale=s) for st, s in zip(stages, layer_scales(len(stages) - 2, layer_decay))
+                  if (ps := [p for p in st if p.requires_grad])]
     fused = {'fused': True} if all(p.is_cuda for p in params) else {}   # on CUDA: a bad step is skipped inside the kernel, no sync
-    if name == 'sgd': return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, **fused)
-    return (torch.optim.Adam if name == 'adam' else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay, **fused)
+    if name == 'sgd': return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, **fused)
+    return (torch.optim.Adam if name == 'adam' else torch.optim.AdamW)(groups, lr=lr, weight_decay=weight_decay, **fused)
+
+# %% ../nbs/03_loop.ipynb #ebda7509
+def stage_params(model:nn.Module) -> list:
+    "`model`'s parameters by stage, input side first: `[outside every block, block 0, …, block n-1, head]`."
+    name, m = models.backbone_of(model), _underlying(model)
+    blocks, head = models.BACKBONES[name].blocks(m), models.get_classifier(m)
+    inside = {id(p) for mod in (*blocks, head) for p in mod.parameters()}
+    return [[p for p in m.parameters() if id(p) not in inside], *(list(b.parameters()) for b in blocks), list(head.parameters())]
+
+def layer_scales(n_blocks:int, decay:float) -> list:
+    "Learning-rate multipliers of `stage_params`' stages: block i at `decay**(n_blocks - i)`, the outsiders as block 0, the head 1."
+    return [decay ** n_blocks, *(decay ** (n_blocks - i) for i in range(n_blocks)), 1.0]
+
+def head_lr(optimizer) -> float:
+    "The learning rate of the head: the last parameter group's (the largest under layer decay)."
+    return optimizer.param_groups[-1]['lr']
+
+# %% ../nbs/03_loop.ipynb #ae248b5f
+def _seed_momentum(optimizer) -> int:
+    "Zero SGD momentum buffers for trainable parameters that lack one in groups that have some (fused SGD needs all or none); how many."
+    st, n = optimizer.state, 0
+    for g in optimizer.param_groups:
+        if not g.get('momentum') or g.get('dampening') or not any('momentum_buffer' in st.get(p, {}) for p in g['params']): continue
+        for p in g['params']:
+            if p.requires_grad and st.get(p, {}).get('momentum_buffer') is None: st[p]['momentum_buffer'] = torch.zeros_like(p); n += 1
+    return n
 
 # %% ../nbs/03_loop.ipynb #61ca2fed
 def build_scheduler(optimizer, name:str='reduce_on_plateau', # one of `SCHEDULERS` ('plateau' is an alias)
@@ -153,7 +188,8 @@ def _forward_backward(model, xb, yb, criterion, scale:float, micro_bs:int, amp_d
         l = loss * (scale * len(x) / len(xb))
         (scaler.scale(l) if scaler is not None else l).backward()
         lv = loss.detach().float()
-        loss_sum, correct = loss_sum + lv * len(x), correct + (out.detach().argmax(1) == y).sum()
+        hit = out.detach().argmax(1) == (y.argmax(1) if y.dim() > 1 else y)   # soft (mixed) targets: their dominant label
+        loss_sum, correct = loss_sum + lv * len(x), correct + hit.sum()
         bad = bad | ~torch.isfinite(lv)
     return loss_sum, correct, torch.as_tensor(bad, device=xb.device).long()
 
@@ -266,6 +302,56 @@ def broadcast_buffers(model:nn.Module, dist:DistInfo|None=None):
     if dist is None or not dist.active: return
     for b in _underlying(model).buffers(): tdist.broadcast(b, 0)
 
+# %% ../nbs/03_loop.ipynb #aa7e05af
+def sample_mix(rng:np.random.Generator,    # the epoch's generator (`mix_rng`)
+               mixup:float, cutmix:float,   # alphas (0: off; at least one > 0)
+               h:int, w:int) -> tuple:      # image height and width
+    "One batch's draw, as timm's `Mixup` makes it: `('mixup', lam, None)` or `('cutmix', lam, (y0, y1, x0, x1))`."
+    if not (cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)): return 'mixup', float(rng.beta(mixup, mixup)), None
+    lam = float(rng.beta(cutmix, cutmix))
+    ch, cw, cy, cx = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam)), int(rng.integers(h)), int(rng.integers(w))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    return 'cutmix', 1 - (y1 - y0) * (x1 - x0) / (h * w), (y0, y1, x0, x1)
+
+def mix_rng(seed:int, epoch:int, rank:int=0) -> np.random.Generator:
+    "The mixing generator of one epoch on one rank: a pure function of `(seed, epoch, rank)`."
+    return np.random.default_rng([seed % 2**64, epoch, rank])
+
+# %% ../nbs/03_loop.ipynb #6193456d
+def mix_batch(xb:torch.Tensor, yb:torch.Tensor, # images (B, C, H, W) and labels (B,)
+              num_classes:int, mode:str, lam:float, box:tuple|None=None) -> tuple:  # as `sample_mix` drew them
+    "`(mixed images, soft targets)`: each image mixed with its mirror in the batch, the labels alike."
+    one = F.one_hot(yb, num_classes).float()
+    target = one * lam + one.flip(0) * (1 - lam)
+    if mode == 'mixup': return xb * lam + xb.flip(0) * (1 - lam), target
+    y0, y1, x0, x1 = box
+    x = xb.clone(); x[..., y0:y1, x0:x1] = xb.flip(0)[..., y0:y1, x0:x1]
+    return x, target
+
+class BatchMixer:
+    "`train_epoch`'s `mix`: mixes each batch of one epoch with draws from `rng` (`mix_rng(seed, epoch, rank)`)."
+    def __init__(self, mixup:float, cutmix:float, num_classes:int, rng:np.random.Generator):
+        self.mixup, self.cutmix, self.num_classes, self.rng = mixup, cutmix, num_classes, rng
+    def __call__(self, xb:torch.Tensor, yb:torch.Tensor) -> tuple:
+        return mix_batch(xb, yb, self.num_classes, *sample_mix(self.rng, self.mixup, self.cutmix, *xb.shape[-2:]))
+
+# %% ../nbs/03_loop.ipynb #0062621e
+class ModelEma:
+    "An exponential moving average of a model's weights (timm's ModelEmaV2, buffers copied), updated after each optimizer step."
+    def __init__(self, model:nn.Module, decay:float):  # decay in (0, 1): the weight of the old average
+        self.decay, self.module = decay, copy.deepcopy(_underlying(model)).eval()
+        for p in self.module.parameters(): p.requires_grad_(False); p.grad = None
+
+    @torch.no_grad()
+    def update(self, model:nn.Module):
+        "Move the average towards `model`'s weights: `ema = decay * ema + (1 - decay) * w`; copy the buffers."
+        m = _underlying(model)
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in m.parameters()], 1 - self.decay)
+        for e, b in zip(self.module.buffers(), m.buffers()): e.copy_(b)
+
+    def state_dict(self) -> dict: return self.module.state_dict()
+    def load_state_dict(self, sd:dict): self.module.load_state_dict(sd)
+
 # %% ../nbs/03_loop.ipynb #7b28e332
 def _to(x, device, channels_last=False):
     return x.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format)
@@ -301,7 +387,9 @@ def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
                 guard:StepGuard|None=None,            # carries OOM/NaN state across epochs
                 progress:bool=True, log_interval:int=10, # batches between host reads (progress bar, NaN checks)
                 total_epochs:int|None=None, channels_last:bool=False,
-                dist:DistInfo|None=None) -> tuple:    # under torchrun: metrics summed over all ranks
+                dist:DistInfo|None=None,              # under torchrun: metrics summed over all ranks
+                mix=None,                             # a `BatchMixer`: mixes each batch on the device (soft targets)
+                ema:ModelEma|None=None) -> tuple:     # updated after every optimizer step
     "One training pass; `(average loss, accuracy)` over the batches used (by all ranks under torchrun)."
     device, guard = torch.device(device), guard or StepGuard()
     n, t0 = len(train_loader), time.perf_counter()
@@ -318,6 +406,7 @@ def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
         if real or (dist is not None and dist.active):   # under torchrun every rank must join every step's collectives:
             if not real: xb, yb = last or (xb.new_zeros((1, *xb.shape[1:])), yb.new_zeros(1))   # a stand-in of weight 0
             xb, yb = _to(xb, device, channels_last), yb.to(device, non_blocking=True)
+            if mix is not None: xb, yb = mix(xb, yb)
             window = min(grad_accum_steps, n - i // grad_accum_steps * grad_accum_steps)
             step_now = (i + 1) % grad_accum_steps == 0 or i + 1 == n
             # under DDP, all-reduce gradients only for the batch that ends an accumulation window
@@ -327,7 +416,9 @@ def train_epoch(model, train_loader, criterion, optimizer, device, epoch:int, *,
             sums += torch.stack([torch.nan_to_num(ls * keep, 0., 0., 0.), correct * keep, keep * len(yb)])
             window_bad = window_bad + bad
             stepped = _optimizer_step(optimizer, scaler, grad_clip_norm, window_bad, dist) if step_now else None
-            if step_now: window_bad = torch.zeros_like(window_bad)
+            if step_now:
+                window_bad = torch.zeros_like(window_bad)
+                if ema is not None: ema.update(model)   # also after a skipped step (its verdict stays on the device): the weights did not move
             events.append((i + 1, bad, stepped))
         if (i + 1) % log_interval == 0 or i + 1 == n:
             (loss_sum, correct_sum, seen), verdicts = _read(sums, events); events = []
@@ -379,12 +470,26 @@ def start_epoch(loader, epoch:int, seed:int, dist:DistInfo|None=None):
     set_loader_epoch(loader, epoch)
     if isinstance(loader, gpu_data.DevicePrefetcher): loader.pipeline.reseed(seed + epoch + 1_000_003 * (dist.rank if dist else 0))
 
+# %% ../nbs/03_loop.ipynb #6bddf3e8
+def freeze_phase(epoch:int, freeze_epochs:int, freeze_layers:int) -> int:
+    "The `freeze_layers` in force during `epoch`: -1 (the whole backbone) up to epoch `freeze_epochs`, then `freeze_layers`."
+    return -1 if epoch <= freeze_epochs else freeze_layers
+
+def apply_freeze_phase(model:nn.Module, cfg:TrainingConfig, epoch:int) -> str|None:
+    "Freeze `model` as `freeze_phase` says for `epoch` (with `--freeze-epochs`); a line to print when `epoch` starts a phase."
+    n = cfg.freeze_epochs
+    if not n: return None
+    models.freeze_layers(model, freeze_phase(epoch, n, cfg.freeze_layers), train_bn=cfg.train_bn)
+    if epoch == 1: return f"epoch{'s 1-' if n > 1 else ' '}{n}: training the head alone (the whole backbone is frozen)"
+    if epoch == n + 1: return f"epoch {epoch}: backbone unfrozen ({f'its first {cfg.freeze_layers} blocks stay frozen' if cfg.freeze_layers else 'every block trains'})"
+
 # %% ../nbs/03_loop.ipynb #49a0bf0c
-def _summary(rec:dict, total:int, improved:bool, guard:StepGuard) -> str:
+def _summary(rec:dict, total:int, improved:bool, guard:StepGuard, selected:str='model') -> str:
     ips = guard.images / guard.seconds if getattr(guard, 'seconds', 0) else 0.
+    ema = f"  ema val loss {rec['ema_val_loss']:.4f} acc {rec['ema_val_accuracy']:.1%}" if 'ema_val_loss' in rec else ''
     return (f"epoch {rec['epoch']}/{total}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.1%}  "
-            f"val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.1%}  lr {rec['learning_rate']:.2e}  "
-            f"{rec['epoch_time']:.1f}s ({ips:.1f} img/s){'  *best*' if improved else ''}")
+            f"val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.1%}{ema}  lr {rec['learning_rate']:.2e}  "
+            f"{rec['epoch_time']:.1f}s ({ips:.1f} img/s){'  *best*' if improved else ''}{' (ema)' if improved and selected == 'ema' else ''}")
 
 # %% ../nbs/03_loop.ipynb #935d8237
 class TrainingDivergedError(RuntimeError):
@@ -399,7 +504,7 @@ def _roll_back(err, good, model, optimizer, targets:dict, n:int, max_rollbacks:i
     start, _ = restore_checkpoint(ck, model, optimizer, **targets)
     for g in optimizer.param_groups: g['lr'] *= 0.1 ** n
     where = good if isinstance(good, Path) else 'the starting weights'
-    warnings.warn(f"{err}: rolled back to {where} (end of epoch {start - 1}) and lowered the learning rate to {optimizer.param_groups[0]['lr']:.2e}")
+    warnings.warn(f"{err}: rolled back to {where} (end of epoch {start - 1}) and lowered the learning rate to {head_lr(optimizer):.2e}")
     return start, _history(ck)
 
 # %% ../nbs/03_loop.ipynb #824c7393
@@ -416,14 +521,17 @@ def logged_epoch(checkpoint_dir:str|Path) -> int:
     except (OSError, ValueError, KeyError, TypeError): return 0
 
 # %% ../nbs/03_loop.ipynb #d6d94c8b
-def _log_epoch(em:EpochMetrics, tracker):
-    "Log one epoch through the design's `log_training_metrics` (step = epoch)."
+EXTRA_METRICS = {'ema_val_loss': 'ema_val_loss', 'ema_val_accuracy': 'ema_val_acc'}   # history key -> MLflow metric, when present
+
+def _log_epoch(rec:dict, tracker):
+    "Log one epoch's record through the design's `log_training_metrics` (step = epoch), the EMA's validation too."
+    em = EpochMetrics.from_record(rec)
     log_training_metrics(em.epoch, em.train_loss, em.train_accuracy, em.val_loss, em.val_accuracy, em.learning_rate,
-                         tracker=tracker, epoch_time=em.epoch_time)
+                         tracker=tracker, epoch_time=em.epoch_time, **{v: rec[k] for k, v in EXTRA_METRICS.items() if k in rec})
 
 def _history(ck:dict) -> list:
-    "A checkpoint's per-epoch records as `EpochMetrics` dicts (older checkpoints used `train_acc`/`val_acc`)."
-    return [dataclasses.asdict(EpochMetrics.from_record(r)) for r in ck.get('history') or []]
+    "A checkpoint's per-epoch records as `EpochMetrics` dicts plus `EXTRA_METRICS` (older checkpoints used `train_acc`/`val_acc`)."
+    return [{**dataclasses.asdict(EpochMetrics.from_record(r)), **{k: r[k] for k in EXTRA_METRICS if k in r}} for r in ck.get('history') or []]
 
 # %% ../nbs/03_loop.ipynb #ab276f15
 def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
@@ -439,40 +547,50 @@ def fit(model:nn.Module, train_loader, val_loader, cfg:TrainingConfig, *,
     scored = ddp.module if isinstance(ddp, DistributedDataParallel) else model  # DDP's forward would sync buffers
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)   # training loss only
     val_criterion = nn.CrossEntropyLoss()   # plain: validation losses stay comparable across label smoothing values
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    if cfg.freeze_epochs: models.freeze_layers(model, cfg.freeze_layers, train_bn=cfg.train_bn)   # the last phase: all that will ever train
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, layer_decay=cfg.layer_decay)
     scheduler = build_scheduler(optimizer, cfg.scheduler, factor=cfg.scheduler_factor, patience=cfg.scheduler_patience, epochs=cfg.epochs,
                                 warmup=cfg.warmup_epochs)
     amp_dtype, scaler = amp_settings(device, cfg.mixed_precision)
     early, guard, cl = EarlyStopping(cfg.early_stopping_patience), StepGuard(), device.type == 'cuda'
-    targets, extra = dict(scheduler=scheduler, scaler=scaler, early_stopping=early), dict(config=cfg, **(extra_state or {}))
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+    targets = dict(scheduler=scheduler, scaler=scaler, early_stopping=early, **({'ema': ema} if ema else {}))
+    extra = dict(config=cfg, **(extra_state or {}))
     epoch, history = (restore_checkpoint(resume, model, optimizer, **targets)[0], _history(resume)) if resume else (1, [])
     good = copy.deepcopy(resume or checkpoint_state(model, optimizer, 0, None, history=[], **targets, **extra))
     rollbacks, stopped = 0, bool(resume and resume.get('stopped_early'))
     if resume and history and main and logged_epoch(cfg.checkpoint_dir) < history[-1]['epoch']:   # killed between checkpoint and log
-        _log_epoch(EpochMetrics.from_record(history[-1]), tracker)
+        _log_epoch(history[-1], tracker)
     while epoch <= cfg.epochs and not stopped:
         start_epoch(train_loader, epoch, cfg.seed, dist)  # data order and augmentation = f(seed, epoch), the same after a resume
+        if (note := apply_freeze_phase(model, cfg, epoch)) and main: print(note, flush=True)
+        if cfg.freeze_epochs: _seed_momentum(optimizer)   # thawed parameters under fused SGD
+        mix = BatchMixer(cfg.mixup, cfg.cutmix, cfg.num_classes, mix_rng(cfg.seed, epoch, dist.rank if dist else 0)) if cfg.mixup or cfg.cutmix else None
         t0 = time.perf_counter()
         try: tl, ta = train_epoch(model, train_loader, criterion, optimizer, device, epoch, scaler=scaler, amp_dtype=amp_dtype,
                                   grad_accum_steps=cfg.grad_accum_steps, grad_clip_norm=cfg.grad_clip_norm, guard=guard,
                                   progress=progress and main, log_interval=cfg.log_interval, total_epochs=cfg.epochs,
-                                  channels_last=cl, dist=dist)
+                                  channels_last=cl, dist=dist, mix=mix, ema=ema)
         except NonFiniteLossError as e:
             rollbacks += 1; epoch, history = _roll_back(e, good, model, optimizer, targets, rollbacks); continue
-        broadcast_buffers(model, dist)         # every rank scores (and rank 0 saves) the same weights and BN statistics
+        for net in (model, *([ema.module] if ema else [])): broadcast_buffers(net, dist)   # every rank scores (and rank 0 saves) the same weights and BN statistics
         vl, va = validate(scored, val_loader, val_criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist)
-        lr = optimizer.param_groups[0]['lr']
-        step_scheduler(scheduler, vl)
-        improved = early.step(vl, epoch, va)
+        evl, eva = validate(ema.module, val_loader, val_criterion, device, amp_dtype=amp_dtype, channels_last=cl, dist=dist) if ema else (vl, va)
+        selected = 'ema' if evl < vl else 'model'   # the better of the two by validation loss (a NaN never wins)
+        sel_loss, sel_acc = (evl, eva) if selected == 'ema' else (vl, va)
+        lr = head_lr(optimizer)
+        step_scheduler(scheduler, sel_loss)
+        improved = early.step(sel_loss, epoch, sel_acc)
         em = EpochMetrics(epoch, tl, ta, vl, va, lr, time.perf_counter() - t0)
-        rec = dataclasses.asdict(em); history.append(rec); stopped = early.should_stop
+        rec = {**dataclasses.asdict(em), **(dict(ema_val_loss=evl, ema_val_accuracy=eva) if ema else {})}
+        history.append(rec); stopped = early.should_stop
         if main:
-            print(_summary(rec, cfg.epochs, improved, guard), flush=True)
+            print(_summary(rec, cfg.epochs, improved, guard, selected), flush=True)
             try: good = save_epoch_checkpoints(cfg.checkpoint_dir, model, optimizer, epoch, early.best_accuracy, improved=improved, keep=cfg.keep_checkpoints,
-                                               history=history, run_id=tracker.run_id, stopped_early=stopped, **targets, **extra)
+                                               history=history, run_id=tracker.run_id, stopped_early=stopped, selected_weights=selected, **targets, **extra)
             except InsufficientSpaceError as e: warnings.warn(f"{e}; training continues without this epoch's checkpoint")
         elif dist.active: good = Path(cfg.checkpoint_dir)/'last.pth'  # rank 0's; written before the next epoch's first collective
-        _log_epoch(em, tracker)   # after the checkpoint: a tracking error cannot cost this epoch
+        _log_epoch(rec, tracker)   # after the checkpoint: a tracking error cannot cost this epoch
         if main: mark_logged(cfg.checkpoint_dir, epoch)
         epoch += 1
     if stopped and main: print(f"early stopping: validation loss has not improved for {early.bad_epochs} epochs; "

@@ -23,9 +23,9 @@ from .handoff import _finish
 from .finetune import prepare_finetune, _report_finetune
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'resolve_data_pipeline', 'make_loaders', 'check_writable', 'resolve_resume', 'CheckpointExistsError',
-           'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'train', 'sigterm_as_interrupt',
-           'main']
+__all__ = ['RESUME_RECIPE', 'USER_ERRORS', 'resolve_data_pipeline', 'make_loaders', 'check_writable', 'resolve_resume',
+           'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'train',
+           'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03c_train.ipynb #3baca9c7
 # `nutrilearn_train.train` is where users import from: the loop, the hand-off, fine-tuning and the artifact and
@@ -105,6 +105,11 @@ def check_fresh_start(checkpoint_dir:str|Path) -> Path:
     return d
 
 # %% ../nbs/03c_train.ipynb #977878bf
+# what a resumed run must share with the checkpoint's (a field missing from an older checkpoint counts as its default); the
+# freezing fields and layer decay also decide the optimizer's parameter groups, which the checkpoint's optimizer state must fit
+RESUME_RECIPE = ('warmup_epochs', 'label_smoothing', 'augment', 'init_from', 'rehearsal_dir', 'rehearsal_fraction',
+                 'freeze_layers', 'train_bn', 'freeze_epochs', 'layer_decay', 'ema_decay', 'mixup', 'cutmix')
+
 def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
     "Refuse a checkpoint from a different backbone or class list."
     saved = ck.get('config') or {}
@@ -118,8 +123,8 @@ def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
     if changed:
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
                          + f"; resume with the same value{'s' if len(changed) > 1 else ''} (they decide the train/validation split)")
-    recipe = [k for k in ('warmup_epochs', 'label_smoothing', 'augment', 'init_from', 'rehearsal_dir', 'rehearsal_fraction') if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
-    if recipe:   # a different schedule, loss, augmentation or fine-tuning data would not continue the same run
+    recipe = [k for k in RESUME_RECIPE if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
+    if recipe:   # a different schedule, loss, augmentation, parameter groups or fine-tuning data would not continue the same run
         raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved.get(k, getattr(TrainingConfig, k))}" for k in recipe)
                          + "; resume with the same recipe (or start a fresh run)")
 
@@ -143,7 +148,8 @@ def prepare_model(cfg:TrainingConfig, num_classes:int, device:torch.device, dist
     if cfg.sync_bn and ddp and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_bn: warnings.warn("--sync-bn is ignored: SyncBatchNorm needs several processes (torchrun) on CUDA")
     model = model.to(device, memory_format=torch.channels_last) if device.type == 'cuda' else model.to(device)
-    if ddp: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if ddp:   # --freeze-epochs: the backbone has no gradients in the first phase, which DDP must be told to expect
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=bool(cfg.freeze_epochs))
     if cfg.compile: model = torch.compile(model)   # after the DDP wrap: dynamo splits at bucket boundaries, all-reduces overlap compute
     return model
 
