@@ -359,8 +359,9 @@ def fit_temperature(logits:torch.Tensor,  # (N, C) logits of a held-out split (t
             else: lo = mid
             if hi - lo < 1e-12: break
         return math.exp(-(lo + hi) / 2)
-    warnings.warn(f"the NLL on these {len(z)} samples has no minimum inside temperatures {bounds}: the logits "
-                  f"{'separate them perfectly' if T == bounds[0] else 'get them mostly wrong'} (a small or too easy validation split?); using T = {T}")
+    warnings.warn(f"the NLL on these {len(z)} samples has no minimum inside temperatures {bounds}: the logits " + (
+                  'separate them perfectly (a small or easy validation split?)' if T == bounds[0] else
+                  'do no better than a uniform guess on them (an untrained model?)') + f"; using T = {T}")
     return T
 
 # %% ../nbs/02d_metrics.ipynb #67c2c69a
