@@ -90,11 +90,8 @@ def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, devi
     rel = [f"{Path(p).parent.name}/{Path(p).name}" for p, _ in getattr(dl.dataset, 'samples', [])]
     print(f"{split} split ({res.total_samples} images{'' if split == 'test' else ', no test split found'}{', flip TTA' if s['tta'] else ''}): "
           f"top-1 {res.top1_accuracy:.2%}  top-5 {res.top5_accuracy:.2%}  macro-F1 {res.macro_f1:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    cm = cal['metrics']
-    print(f"calibration: ECE {cm['ece_before']:.3f} at T=1 -> {cm['ece_after']:.3f} at T={s['temperature']:.3g}; "
-          + (f"uncertain {cm['uncertain_share']:.1%} of answers, top-1 on the rest "
-             + (f"{cm['answered_top1']:.2%}" if 'answered_top1' in cm else 'n/a') if s['threshold'] is not None else 'no uncertainty threshold'), flush=True)
-    return dict(split=split, metrics={**metrics.evaluation_metrics(res, 'test'), **{f'test_{k}': v for k, v in cm.items()}}, files=files,
+    print(metrics.format_calibration(cal['metrics'], s['temperature'], s['threshold']), flush=True)
+    return dict(split=split, metrics={**metrics.evaluation_metrics(res, 'test'), **{f'test_{k}': v for k, v in cal['metrics'].items()}}, files=files,
                 fingerprint=tracking.data_fingerprint(names, rel), n=res.total_samples, seconds=time.perf_counter() - t0,
                 sample=next(iter(getattr(dl.dataset, 'samples', [])), None))
 

@@ -22,7 +22,7 @@ __all__ = ['decode_logits', 'topk_accuracy', 'confusion_matrix', 'normalize_rows
            'generate_confusion_matrix', 'EvaluationResults', 'results_from_logits', 'collect_predictions',
            'evaluate_model', 'save_evaluation', 'evaluation_metrics', 'reliability_table', 'expected_calibration_error',
            'plot_reliability_diagram', 'fit_temperature', 'uncertainty_threshold', 'calibration_report',
-           'save_calibration', 'auroc']
+           'format_calibration', 'save_calibration', 'auroc']
 
 # %% ../nbs/02d_metrics.ipynb #14bcf316
 def _check_logits(logits:torch.Tensor, targets:torch.Tensor, n_classes:int|None=None):
@@ -393,6 +393,14 @@ def calibration_report(logits:torch.Tensor, targets:torch.Tensor,
     if not unsure.all(): m['answered_top1'] = (after.argmax(1) == targets)[~unsure].double().mean().item()
     return dict(metrics=m, tables={'T = 1 (before)': reliability_table(before, targets, n_bins),
                                    f'T = {temperature:.3g} (after)': reliability_table(after, targets, n_bins)})
+
+def format_calibration(metrics:dict,            # `calibration_report(...)['metrics']`
+                       temperature:float=1.0, threshold:float|None=None) -> str:
+    "One line: ECE before and after the temperature, and the uncertain share with the top-1 on the rest."
+    m = metrics
+    rest = ('no uncertainty threshold' if threshold is None else f"uncertain (top probability < {threshold:.3f}) {m['uncertain_share']:.1%} "
+            f"of answers, top-1 on the rest " + (f"{m['answered_top1']:.2%}" if 'answered_top1' in m else 'n/a'))
+    return f"calibration: ECE {m['ece_before']:.3f} at T=1 -> {m['ece_after']:.3f} at T={temperature:.3g}; {rest}"
 
 def save_calibration(report:dict, output_dir:str|Path, title:str='Reliability diagram') -> dict[str, Path]:
     "Write `calibration.json` and `reliability_diagram.png` of `calibration_report(...)`; return their paths by name."
