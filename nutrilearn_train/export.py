@@ -50,6 +50,19 @@ def _answer_probs(forward:Callable, config:dict, xb:torch.Tensor) -> torch.Tenso
     s = answer_settings(config)
     return class_probabilities(answer_logits(forward, xb, s['tta']), s['temperature'])
 
+# %% ../nbs/05c_export.ipynb #9fce39d4
+def _verified(path:Path, fmt:str, model:nn.Module, config:dict, atol:float) -> ExportResult:
+    "Load `path` back, compare its logits and calibrated probabilities with `model`'s; delete the file and raise if either differs by more than `atol`."
+    run, meta = load_exported(path)
+    xb = _check_batch(config, 3, seed=1)
+    d, dp = _max_abs_diff(run, model, xb), float((_answer_probs(run, meta, xb) - _answer_probs(model, config, xb)).abs().max())
+    if not (d <= atol and dp <= atol):
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"{fmt} export differs from eager PyTorch by max |Δ logits| = {d:.3g}, max |Δ calibrated probability| = {dp:.3g} "
+                           f"(allowed {atol:g}); nothing was kept")
+    assert meta['class_names'] == list(config['class_names'])
+    return ExportResult(path, fmt, path.stat().st_size, d, max_prob_diff=dp)
+
 # %% ../nbs/05c_export.ipynb #b97f0c87
 def export_torchscript(model:nn.Module,   # the eager model
                        config:dict,        # its `model_config.json` dict
@@ -180,7 +193,7 @@ def export_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
             if not a.output: out = out.with_name(out.name.replace('.', f'.pruned{round(100 * a.prune)}.', 1))
         r = _int8(model, mc, out, a) if a.format == 'int8' else {'torchscript': export_torchscript, 'onnx': export_onnx}[a.format](model, mc, out)
     except (FileNotFoundError, ValueError, RuntimeError) as e: return _fail('nutrilearn-export', e)
-    print(f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {r.format}); max |Δ logits| vs PyTorch = {r.max_abs_diff:.2e}, max |Δ calibrated probability| = {r.max_prob_diff:.2e}")
+    print(f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {r.format}); max |Δ logits| vs PyTorch = {r.max_abs_diff:.2e} (max |Δ calibrated probability| {r.max_prob_diff:.2e})")
     if r.format == 'int8': print(f"int8: {r.size_bytes / r.baseline_size_bytes:.0%} of the fp32 ONNX size; top-1 unchanged on {r.top1_agreement:.1%} of the check photos (the test split when there is one)")
     return 0
 
