@@ -323,9 +323,10 @@ def plot_reliability_diagram(tables:dict,                  # panel title → `re
     for (name, t), ax, hx in zip(tables.items(), axs[0], axs[1]):
         lo, w, ok = t['edges'][:-1], np.diff(t['edges']), t['count'] > 0
         ece = float(np.sum(t['count'][ok] / t['count'].sum() * np.abs(t['accuracy'][ok] - t['confidence'][ok])))
-        ax.bar(lo[ok], t['accuracy'][ok], w[ok], align='edge', color='tab:blue', edgecolor='white', label='accuracy')
-        ax.bar(lo[ok], t['confidence'][ok] - t['accuracy'][ok], w[ok], bottom=t['accuracy'][ok], align='edge',
-               color='tab:red', alpha=0.3, edgecolor='tab:red', label='gap to confidence')
+        acc, conf = t['accuracy'][ok], t['confidence'][ok]
+        ax.bar(lo[ok], acc, w[ok], align='edge', color='tab:blue', edgecolor='white', label='accuracy')
+        ax.bar(lo[ok], np.abs(conf - acc), w[ok], bottom=np.minimum(acc, conf), align='edge', fill=False, hatch='//',
+               edgecolor='tab:red', lw=0.8, label='gap to mean confidence')
         ax.plot([0, 1], [0, 1], '--', color='grey', lw=1); ax.set(xlim=(0, 1), ylim=(0, 1), ylabel='accuracy', title=f"{name}: ECE {ece:.3f}")
         ax.legend(loc='upper left', fontsize=8)
         hx.bar(lo, t['count'], w, align='edge', color='grey'); hx.set(xlabel='confidence (top probability)', ylabel='images')
