@@ -197,16 +197,20 @@ from .ensemble import ensemble_logits   # 02f_ensemble
 def evaluate_ensemble(members:Sequence[tuple],     # `(label, model)` pairs, models in eval mode on `device`
                       dl, class_names:Sequence[str], device='cpu',
                       weights:Sequence[float]|None=None, # one per member (None: equal)
-                      tta:bool=False                    # flip test-time augmentation for every member
+                      tta:bool=False,                   # flip test-time augmentation for every member
+                      temperatures:Sequence[float]|None=None # each member's (None: 1.0); the ensemble mixes calibrated probabilities
                      ) -> dict[str, EvaluationResults]:
     "`EvaluationResults` of each member and of their probability-averaging `'ensemble'`, on the same loader."
+    temps = [1.0] * len(members) if temperatures is None else list(temperatures)
+    if len(temps) != len(members): raise ValueError(f"temperatures must be one per member: {len(members)} members, {len(temps)} temperatures")
     logits, out, secs, targets = [], {}, 0.0, None
     for label, model in members:
         l, t, s = collect_predictions(model, dl, device, tta)
         if targets is not None and not torch.equal(t, targets): raise ValueError("the loader returned the images in another order for another member; use a loader without shuffling")
         logits.append(l); targets = t; secs += s
         out[label] = results_from_logits(l, t, class_names, 1000 * s / len(t))
-    out['ensemble'] = results_from_logits(ensemble_logits(logits, weights).float(), targets, class_names, 1000 * secs / len(targets))
+    out['ensemble'] = results_from_logits(ensemble_logits([l / t for l, t in zip(logits, temps)], weights).float(), targets, class_names,
+                                          1000 * secs / len(targets))
     return out
 
 # %% ../nbs/04_evaluate.ipynb #b555ba15
@@ -230,7 +234,8 @@ def _evaluate_many(args) -> int:
                 raise ValueError(f"{mdir} and {fdir} differ in classes or input size; ensemble models trained on the same classes")
         names, dl = list(first['class_names']), _eval_loader(args, first)
         labels = [f"{i + 1}: {d} ({mc['model_name']})" for i, (d, (_, mc, _)) in enumerate(zip(args.model_dir, loaded))]
-        res = evaluate_ensemble(list(zip(labels, (m for m, _, _ in loaded))), dl, names, device, args.weights, bool(args.tta))
+        res = evaluate_ensemble(list(zip(labels, (m for m, _, _ in loaded))), dl, names, device, args.weights, bool(args.tta),
+                                [answer_settings(mc)['temperature'] for _, mc, _ in loaded])
         out = Path(args.output_dir or fdir/'ensemble_evaluation'); out.mkdir(parents=True, exist_ok=True)
         (out/'comparison.json').write_text(json.dumps({k: r.to_dict() for k, r in res.items()}, indent=2) + '\n')
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:

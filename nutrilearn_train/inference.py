@@ -295,9 +295,10 @@ Predictor.explain = _explain
 from .ensemble import ensemble_logits, ensemble_weights   # 02f_ensemble
 
 class EnsembleForward:
-    "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' probabilities."
+    "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' calibrated probabilities (each at its own temperature)."
     def __init__(self, members:list, weights:list): self.members, self.weights = members, weights
-    def __call__(self, xb:torch.Tensor) -> torch.Tensor: return ensemble_logits([m.logits(xb) for m in self.members], self.weights).float()
+    def __call__(self, xb:torch.Tensor) -> torch.Tensor:
+        return ensemble_logits([m.logits(xb) / answer_settings(m.config)['temperature'] for m in self.members], self.weights).float()
 
 def load_predictor(ref,                 # a `Predictor`, a model folder, an exported file or a 'models:/…' reference
                    device:str='auto', tracking_uri:str|None=None) -> Predictor:
