@@ -128,6 +128,7 @@ class TrainingConfig:
     init_from: Optional[str] = None     # fine-tune a saved model: a vN/ folder or models:/name@alias (new classes are appended)
     rehearsal_dir: Optional[str] = None # old-class images (init_from): its train split is mixed in, its test split measures forgetting
     rehearsal_fraction: float = 0.0     # share of each epoch's training images drawn from rehearsal_dir, in [0, 1)
+    tta: bool = False                   # end of run: evaluate (and record for the backend) flip test-time augmentation
 
     def __post_init__(self):
         if not self.tracking_uri: self.tracking_uri = default_tracking_uri()
@@ -198,6 +199,7 @@ def _check_recipe(cfg:TrainingConfig):
     ls = cfg.label_smoothing
     _check(isinstance(ls, (int, float)) and not isinstance(ls, bool) and 0 <= ls < 1, f"label_smoothing must be in [0, 1), got {ls!r}")
     _check(isinstance(cfg.grad_checkpointing, bool), f"grad_checkpointing must be True or False, got {cfg.grad_checkpointing!r}")
+    _check(isinstance(cfg.tta, bool), f"tta must be True or False, got {cfg.tta!r}")
     f = cfg.rehearsal_fraction
     _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1, f"rehearsal_fraction must be in [0, 1), got {f!r}")
     _check(not (f > 0 and not cfg.rehearsal_dir), f"rehearsal_fraction={f} needs --rehearsal-dir (a folder of old-class images)")
@@ -275,7 +277,8 @@ FLAG_HELP = dict(
     grad_checkpointing='recompute backbone activations during backward: less memory, more time (off by default)',
     init_from='fine-tune a saved model (a vN/ folder or models:/NAME@ALIAS): its classes keep their indices, new ones are appended',
     rehearsal_dir='old-class images for --init-from (ImageFolder or Food-101 layout): its train split is mixed in, its test split measures forgetting',
-    rehearsal_fraction='share of each epoch\'s training images drawn from REHEARSAL_DIR, in [0, 1) (0: only measure forgetting)')
+    rehearsal_fraction='share of each epoch\'s training images drawn from REHEARSAL_DIR, in [0, 1) (0: only measure forgetting)',
+    tta='end of the run: evaluate with flip test-time augmentation (the mean of the image\'s and its mirror\'s probabilities) and record it for the backend (off by default)')
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "Defaults in the help, except on on/off switches (their help says it in words) and where there is none."
@@ -309,7 +312,7 @@ def parse_arguments(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     h = lambda name: FLAG_HELP.get(name, name.replace('_', ' '))
     choices = dict(model_name=MODEL_NAMES, device=DEVICES, optimizer=OPTIMIZERS, scheduler=SCHEDULERS, data_pipeline=DATA_PIPELINES, promote=PROMOTE_MODES, augment=AUGMENTS)
     for name, allowed in choices.items(): p.add_argument(_flag(name), choices=allowed, default=d[name].default, help=h(name))
-    flags = ('pretrained', 'mixed_precision', 'compile', 'sync_bn', 'download', 'grad_checkpointing', 'train_bn')
+    flags = ('pretrained', 'mixed_precision', 'compile', 'sync_bn', 'download', 'grad_checkpointing', 'train_bn', 'tta')
     for f in fields(TrainingConfig):
         if f.name in tuple(choices) + flags: continue
         typ = {'Optional[str]': str, 'Optional[int]': int}.get(f.type, {'int': int, 'float': float, 'str': str}.get(f.type, str))

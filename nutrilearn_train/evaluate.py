@@ -22,7 +22,10 @@ from .persistence import input_side, load_model_config, load_saved_model, resolv
 from .metrics import (  # the pure metrics live in 02d_metrics (training uses them too); re-exported here
     _check_logits, decode_logits, topk_accuracy, per_class_metrics, classification_report_rows, rank_classes, confusion_matrix,
     normalize_rows, most_confused, save_most_confused, plot_confusion_matrix, generate_confusion_matrix, EvaluationResults,
-    results_from_logits, collect_predictions, evaluate_model, save_evaluation, evaluation_metrics)
+    results_from_logits, collect_predictions, evaluate_model, save_evaluation, evaluation_metrics, reliability_table,
+    expected_calibration_error, plot_reliability_diagram, fit_temperature, uncertainty_threshold, calibration_report,
+    format_calibration, save_calibration, auroc)
+from .predict import answer_settings
 from .tracking import _check_uri, _log_metrics, _upload, bound_http_requests
 
 # %% auto #0
@@ -76,13 +79,14 @@ def log_evaluation(results:EvaluationResults,
                    run_id:str,                          # the training run to add to
                    tracking_uri:str|None=None,          # MLflow store (ignored when `tracker` is given)
                    prefix:str='test',                   # metric prefix: the split
-                   tracker=None                         # a tracker started on `run_id` (default: a `RunAppender`)
+                   tracker=None,                        # a tracker started on `run_id` (default: a `RunAppender`)
+                   extra_metrics:dict|None=None         # more metrics, named without the prefix (e.g. `calibration_report`'s)
                   ) -> str:
-    "Add `results`' metrics and `files` to the existing run `run_id` (its status unchanged); return the run id."
+    "Add `results`' metrics (and `extra_metrics`) and `files` to the existing run `run_id` (its status unchanged); return the run id."
     if not run_id: raise ValueError("run_id is required to log an evaluation (the model has no MLflow run)")
     if tracker is not None and tracker.run_id != run_id: raise ValueError(f"the tracker is on run {tracker.run_id!r}, not {run_id!r}; start it on that run first")
     tracker = tracker or RunAppender(tracking_uri, run_id)
-    tracker.log_metrics(evaluation_metrics(results, prefix), step=0)
+    tracker.log_metrics({**evaluation_metrics(results, prefix), **{f"{prefix}_{k}": v for k, v in (extra_metrics or {}).items()}}, step=0)
     for p in (files.values() if isinstance(files, dict) else files): tracker.log_artifact(str(p), f'evaluation_{prefix}')
     return run_id
 
@@ -112,6 +116,8 @@ def parse_evaluate_args(argv:list|None=None) -> argparse.Namespace:
     p.add_argument('--top-errors', type=int, default=0, help='also save galleries with Grad-CAM of the N worst mistakes (misclassified.png) and N highest losses (top_losses.png)')
     p.add_argument('--tracking-uri', default=None, help="MLflow store holding the model's run, to add the results to it (default: $MLFLOW_TRACKING_URI; the store named inside the model folder is never used)")
     p.add_argument('--no-mlflow', action='store_true', help='do not log to the MLflow run (logged by default when a store is named and answers)')
+    p.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation: average each photo's and its mirror's probabilities (--no-tta: never; default: what the model's training evaluated)")
     return p.parse_args(argv)
 
 # %% ../nbs/04_evaluate.ipynb #df3167d3
@@ -154,7 +160,7 @@ def format_report(results:EvaluationResults, split:str='test') -> str:
                       f"worst: {fmt(results.worst_classes)}", f"best:  {fmt(results.best_classes)}"])
 
 # %% ../nbs/04_evaluate.ipynb #b2315f68
-def _log_to_run(results, files, mcfg:dict, split:str, uri:str|None) -> str:
+def _log_to_run(results, files, mcfg:dict, split:str, uri:str|None, extra_metrics:dict|None=None) -> str:
     "Add to the model's MLflow run in the store `uri` the user named (never the one the folder names); a one-line note."
     run_id, named = mcfg.get('mlflow_run_id'), (mcfg.get('training_config') or {}).get('tracking_uri')
     if not run_id: return "mlflow: the model has no run id; not logged"
@@ -162,7 +168,7 @@ def _log_to_run(results, files, mcfg:dict, split:str, uri:str|None) -> str:
         return (f"mlflow: not logged; pass --tracking-uri (or set MLFLOW_TRACKING_URI) to add the results to run {run_id}"
                 + (f" (the model folder names {named!r}: a folder can come from anyone, so its store is used only when you pass it)" if named else ''))
     if not _store_reachable(uri): return f"mlflow: store {uri!r} is not reachable; not logged"
-    log_evaluation(results, files, run_id, uri, split)
+    log_evaluation(results, files, run_id, uri, split, extra_metrics=extra_metrics)
     return f"mlflow: logged {split}_* metrics and {len(files)} files to run {run_id}"
 
 def _evaluation_dir(output_dir, mdir:Path, split:str) -> Path:
@@ -190,16 +196,21 @@ from .ensemble import ensemble_logits   # 02f_ensemble
 
 def evaluate_ensemble(members:Sequence[tuple],     # `(label, model)` pairs, models in eval mode on `device`
                       dl, class_names:Sequence[str], device='cpu',
-                      weights:Sequence[float]|None=None # one per member (None: equal)
+                      weights:Sequence[float]|None=None, # one per member (None: equal)
+                      tta:bool=False,                   # flip test-time augmentation for every member
+                      temperatures:Sequence[float]|None=None # each member's (None: 1.0); the ensemble mixes calibrated probabilities
                      ) -> dict[str, EvaluationResults]:
     "`EvaluationResults` of each member and of their probability-averaging `'ensemble'`, on the same loader."
+    temps = [1.0] * len(members) if temperatures is None else list(temperatures)
+    if len(temps) != len(members): raise ValueError(f"temperatures must be one per member: {len(members)} members, {len(temps)} temperatures")
     logits, out, secs, targets = [], {}, 0.0, None
     for label, model in members:
-        l, t, s = collect_predictions(model, dl, device)
+        l, t, s = collect_predictions(model, dl, device, tta)
         if targets is not None and not torch.equal(t, targets): raise ValueError("the loader returned the images in another order for another member; use a loader without shuffling")
         logits.append(l); targets = t; secs += s
         out[label] = results_from_logits(l, t, class_names, 1000 * s / len(t))
-    out['ensemble'] = results_from_logits(ensemble_logits(logits, weights).float(), targets, class_names, 1000 * secs / len(targets))
+    out['ensemble'] = results_from_logits(ensemble_logits([l / t for l, t in zip(logits, temps)], weights).float(), targets, class_names,
+                                          1000 * secs / len(targets))
     return out
 
 # %% ../nbs/04_evaluate.ipynb #b555ba15
@@ -223,7 +234,8 @@ def _evaluate_many(args) -> int:
                 raise ValueError(f"{mdir} and {fdir} differ in classes or input size; ensemble models trained on the same classes")
         names, dl = list(first['class_names']), _eval_loader(args, first)
         labels = [f"{i + 1}: {d} ({mc['model_name']})" for i, (d, (_, mc, _)) in enumerate(zip(args.model_dir, loaded))]
-        res = evaluate_ensemble(list(zip(labels, (m for m, _, _ in loaded))), dl, names, device, args.weights)
+        res = evaluate_ensemble(list(zip(labels, (m for m, _, _ in loaded))), dl, names, device, args.weights, bool(args.tta),
+                                [answer_settings(mc)['temperature'] for _, mc, _ in loaded])
         out = Path(args.output_dir or fdir/'ensemble_evaluation'); out.mkdir(parents=True, exist_ok=True)
         (out/'comparison.json').write_text(json.dumps({k: r.to_dict() for k, r in res.items()}, indent=2) + '\n')
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
@@ -245,15 +257,19 @@ def main(argv:list|None=None) -> int:
         model, mcfg, mdir = load_evaluation_model(args.model_dir[0], device)
         out = _evaluation_dir(args.output_dir, mdir, args.split)   # before the work: an earlier evaluation is never overwritten
         names, dl = list(mcfg['class_names']), _eval_loader(args, mcfg)
-        logits, targets, secs = collect_predictions(model, dl, device)
+        s = answer_settings(mcfg, tta=args.tta)   # as the backend answers: the model's temperature, threshold and tta
+        logits, targets, secs = collect_predictions(model, dl, device, tta=s['tta'])
         res = results_from_logits(logits, targets, names, 1000 * secs / len(targets))
         files = save_evaluation(res, out, names, targets.numpy(), logits.argmax(1).numpy())
+        cal = calibration_report(logits, targets, s['temperature'], s['threshold'])
+        files.update(save_calibration(cal, out, f"{args.split} split, {len(targets)} images" + (', flip TTA' if s['tta'] else '')))
         if args.top_errors: files.update(_save_gallery(model, mcfg, dl.dataset.samples, logits, targets, names, args.top_errors, out, device))
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         print(f"nutrilearn-evaluate: error: {e}", file=sys.stderr); return 1
-    print(format_report(res, args.split)); print(f"results: {out}")
+    print(format_report(res, args.split) + (' (flip TTA)' if s['tta'] else '')); print(format_calibration(cal['metrics'], s['temperature'], s['threshold']))
+    print(f"results: {out}")
     if not args.no_mlflow:
-        try: print(_log_to_run(res, files, mcfg, args.split, args.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI')))
+        try: print(_log_to_run(res, files, mcfg, args.split, args.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI'), cal['metrics']))
         except Exception as e: print(f"mlflow: logging failed ({e}); results are saved locally", file=sys.stderr)
     return 0
 

@@ -41,6 +41,28 @@ def _update_model_config(vdir:Path, **kw) -> dict:
     atomic_write(vdir/'model_config.json', lambda f: f.write((json.dumps(mc, indent=2) + '\n').encode()), 'model config')
     return mc
 
+# %% ../nbs/03a_handoff.ipynb #3b5cb8cc
+def _calibrate(model, cfg:TrainingConfig, class_to_idx:dict, device) -> dict|None:
+    "Fit the temperature and the uncertainty threshold on the validation split's logits of `model`; None (with a warning) if that fails."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # bad-image and empty-split warnings were given when training read the same split
+            _, dl, c2i = data.get_data_loaders(cfg.data_dir, cfg.batch_size, cfg.num_workers, train_split=cfg.train_split,
+                                               seed=cfg.seed, max_per_class=cfg.max_per_class)
+        if c2i != class_to_idx: data.relabel_dataset(dl.dataset, class_to_idx)   # --init-from: the merged index space
+        logits, targets, _ = metrics.collect_predictions(model, dl, device, tta=cfg.tta)
+        t = metrics.fit_temperature(logits, targets)
+        conf, pred = predict.class_probabilities(logits, t).max(1)
+        thr = metrics.uncertainty_threshold(conf, pred == targets)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        warnings.warn(f"calibration skipped ({' '.join(str(e).split())[:300]}); the model answers with its own probabilities and flags nothing uncertain")
+        return None
+    nll = metrics.calibration_report(logits, targets, t)['metrics']
+    print(f"calibration on the validation split ({len(targets)} images{', flip TTA' if cfg.tta else ''}): temperature {t:.3f} "
+          f"(NLL {nll['nll_before']:.3f} -> {nll['nll_after']:.3f}); uncertain below top probability {thr:.3f}", flush=True)
+    return dict(config=dict(temperature=t, uncertainty_threshold=thr),
+                metrics=dict(temperature=t, uncertainty_threshold=thr, val_nll_before=nll['nll_before'], val_nll_after=nll['nll_after']))
+
 # %% ../nbs/03a_handoff.ipynb #666ae688
 from . import explain   # the galleries (02e_explain)
 
@@ -52,25 +74,30 @@ def _galleries(model, dl, logits, targets, names:list, vdir:Path, device) -> dic
         warnings.warn(f"galleries skipped: {' '.join(str(e).split())[:300]}"); return {}
 
 def _evaluate_test(model, cfg:TrainingConfig, class_to_idx:dict, vdir:Path, device) -> dict|None:
-    "Evaluate `model` on the held-out split, write its report into `vdir`; None (with a warning) if that fails."
+    "Evaluate `model` on the held-out split as `vdir`'s settings answer (tta, temperature, threshold), write its report into `vdir`; None (with a warning) if that fails."
     names, found = sorted(class_to_idx, key=class_to_idx.get), data.find_dataset(cfg.data_dir)
     split, t0 = 'test' if found and found.get('test') else 'val', time.perf_counter()
     try:
+        s = predict.answer_settings(load_model_config(vdir))
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')   # "no test split": said below, in our words
             dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx=class_to_idx,
                                       max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
-        logits, targets, secs = metrics.collect_predictions(model, dl, device)
+        logits, targets, secs = metrics.collect_predictions(model, dl, device, tta=s['tta'])
         res = metrics.results_from_logits(logits, targets, names, 1000 * secs / len(targets))
         files = metrics.save_evaluation(res, vdir, names, targets.numpy(), logits.argmax(1).numpy())
+        cal = metrics.calibration_report(logits, targets, s['temperature'], s['threshold'])
+        files.update(metrics.save_calibration(cal, vdir, f"{split} split, {res.total_samples} images" + (', flip TTA' if s['tta'] else '')))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         warnings.warn(f"test evaluation skipped ({' '.join(str(e).split())[:300]}); the model is saved, without test metrics"); return None
     files.update(_galleries(model, dl, logits, targets, names, vdir, device))
     rel = [f"{Path(p).parent.name}/{Path(p).name}" for p, _ in getattr(dl.dataset, 'samples', [])]
-    print(f"{split} split ({res.total_samples} images{'' if split == 'test' else ', no test split found'}): top-1 {res.top1_accuracy:.2%}  "
-          f"top-5 {res.top5_accuracy:.2%}  macro-F1 {res.macro_f1:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    return dict(split=split, metrics=metrics.evaluation_metrics(res, 'test'), files=files, fingerprint=tracking.data_fingerprint(names, rel),
-                n=res.total_samples, seconds=time.perf_counter() - t0, sample=next(iter(getattr(dl.dataset, 'samples', [])), None))
+    print(f"{split} split ({res.total_samples} images{'' if split == 'test' else ', no test split found'}{', flip TTA' if s['tta'] else ''}): "
+          f"top-1 {res.top1_accuracy:.2%}  top-5 {res.top5_accuracy:.2%}  macro-F1 {res.macro_f1:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(metrics.format_calibration(cal['metrics'], s['temperature'], s['threshold']), flush=True)
+    return dict(split=split, metrics={**metrics.evaluation_metrics(res, 'test'), **{f'test_{k}': v for k, v in cal['metrics'].items()}}, files=files,
+                fingerprint=tracking.data_fingerprint(names, rel), n=res.total_samples, seconds=time.perf_counter() - t0,
+                sample=next(iter(getattr(dl.dataset, 'samples', [])), None))
 
 # %% ../nbs/03a_handoff.ipynb #019fb0c9
 def _promote(tracker, cfg:TrainingConfig, version:int, test:dict|None, fp:str) -> tuple:
@@ -106,19 +133,23 @@ def reload_check(vdir:Path, image, label:int|None=None, names:list|None=None, to
 
 # %% ../nbs/03a_handoff.ipynb #53a04298
 def _finish(model, cfg:TrainingConfig, class_to_idx:dict, res:dict, tracker, device='cpu') -> Path:
-    "Write the artifact folder first, evaluate on the test split, then log, register and (gated) promote."
+    "Write the artifact folder first, calibrate and evaluate on the test split, then log, register and (gated) promote."
     sel_epoch, sel_acc, sel_weights = _restore_selected(model, cfg, res)
     cpu_model = copy.deepcopy(_underlying(model)).to('cpu', memory_format=torch.contiguous_format).eval()
     vdir = save_model_artifacts(cpu_model, class_to_idx, cfg, output_dir=cfg.output_dir, best_accuracy=sel_acc,   # the validation accuracy of the weights shipped
                                 extra=dict(selected_epoch=sel_epoch, selected_weights=sel_weights, selected_val_accuracy=sel_acc, mlflow_run_id=tracker.run_id,
                                            registered_model_name=cfg.registered_model_name, registered_model_version=None))
+    cal = _calibrate(_underlying(model).eval(), cfg, class_to_idx, device)   # before the test split: its answers use them
+    _update_model_config(vdir, tta=cfg.tta, **(cal['config'] if cal else {}))
     test = _evaluate_test(_underlying(model).eval(), cfg, class_to_idx, vdir, device)
     fp = test['fingerprint'] if test else tracking.data_fingerprint(sorted(class_to_idx, key=class_to_idx.get), [])
     _update_model_config(vdir, data_fingerprint=fp, evaluation_split=test and test['split'], **((test or {}).get('metrics') or {}))
     # from here on only tracking: every call is isolated (GuardedTracker in train), the files above are complete
     tracker.log_dataset(data.dataset_name(cfg.data_dir), fp, str(Path(cfg.data_dir).resolve()))
+    step = max([r['epoch'] for r in res['history']], default=0)
+    if cal: tracker.log_metrics(cal['metrics'], step=step)
     if test:
-        tracker.log_metrics(test['metrics'], step=max([r['epoch'] for r in res['history']], default=0))
+        tracker.log_metrics(test['metrics'], step=step)
         for f in test['files'].values(): tracker.log_artifact(f)
     version = tracker.log_model(vdir, 'model', registered_model_name=cfg.registered_model_name, alias='challenger')   # the serving pyfunc
     promoted = _promote(tracker, cfg, version, test, fp) if version else (False, 'model not registered (tracking failed); run nutrilearn-promote after nutrilearn-replay')

@@ -35,13 +35,14 @@ def __getattr__(name:str):
 # %% ../nbs/05_inference.ipynb #04f92435
 # the answer core lives in 02b_predict (training's last step and the served model use it too); importable from here as before
 from .predict import (class_probabilities, topk_predictions, _check_top_k, build_inference_transform, preprocess_image,
-                                      _locate_model, load_model_for_inference, predict_image)
+                                      _locate_model, load_model_for_inference, predict_image, answer_image, answer_batch, answer_settings,
+                                      CALIBRATION_KEYS)
 
 # %% ../nbs/05_inference.ipynb #b33bb573
 METADATA_KEY = 'model_config.json'
 EXPORT_FORMATS = ('torchscript', 'onnx', 'int8')
 _EXPORT_KEYS = ('model_name', 'num_classes', 'class_names', 'input_size', 'resize_size', 'mean', 'std', 'version',
-                'training_date', 'mlflow_run_id', 'registered_model_name', 'registered_model_version')
+                'training_date', 'mlflow_run_id', 'registered_model_name', 'registered_model_version', *CALIBRATION_KEYS)
 
 def export_metadata(config:dict, # a `model_config.json` dict
                     **extra) -> dict:
@@ -90,36 +91,50 @@ def load_exported(path:str|Path,            # a `.onnx` file or a TorchScript fi
 
 # %% ../nbs/05_inference.ipynb #32f0c9cc
 class Predictor:
-    "Top-k food predictions from a model loaded once; safe to call from many threads."
+    "Calibrated top-k food predictions, with an `uncertain` flag, from a model loaded once; safe to call from many threads."
     def __init__(self, forward:Callable,  # `nn.Module` or `run(batch) -> logits`
-                 config:dict,              # `model_config.json` dict (class_names, sizes, mean/std)
+                 config:dict,              # `model_config.json` dict (class_names, sizes, mean/std, calibration keys)
                  device:str|torch.device='cpu', version=None,
                  log_path:str|Path|None=None, # append one JSON line per prediction here (see `prediction_record`)
-                 alias:str|None=None):        # the registry alias it was loaded by (logged)
+                 alias:str|None=None,         # the registry alias it was loaded by (logged)
+                 tta:bool|None=None):         # flip test-time augmentation by default (None: what the config records)
         self.model, self.config, self.device = forward, config, torch.device(device)
         self.log_path, self.alias = (Path(log_path) if log_path else None), alias
         self.class_names, self.model_name = list(config['class_names']), config.get('model_name')
         self.version = version_number(config) if version is None else version
         self.transform = build_inference_transform(config)
+        self.tta = answer_settings(config, tta)['tta']   # also checks the config's temperature and threshold, once
         self._lock = threading.Lock()
 
     def logits(self, xb:torch.Tensor) -> torch.Tensor:
-        "Raw logits (CPU, float32) for a preprocessed batch `[B, 3, H, W]`."
+        "Raw logits (CPU, float32) for a preprocessed batch `[B, 3, H, W]`: one view, no temperature."
         with self._lock, torch.inference_mode(): return self.model(xb.to(self.device)).float().cpu()
 
-    def predict_batch(self, images:Sequence, top_k:int=3) -> list:
-        "Top-`top_k` `(class_name, probability)` lists for `images` (paths, bytes or PIL images), one forward pass."
+    def answer_tensors(self, xb:torch.Tensor, top_k:int=3, tta:bool|None=None, threshold:float|None=None) -> list:
+        "`predict.answer_batch` for a preprocessed batch `[B, 3, H, W]`: per image `{'predictions', 'uncertain'}`."
+        with self._lock: return answer_batch(self.model, xb.to(self.device), self.config, top_k, self.tta if tta is None else tta, threshold)
+
+    def answer_batch(self, images:Sequence, top_k:int=3,
+                     tta:bool|None=None, threshold:float|None=None) -> list: # per call (None: the predictor's `tta`, the config's threshold)
+        "Per image (paths, bytes or PIL images): `{'predictions': [(class_name, probability), …], 'uncertain': bool}`, one forward pass."
         _check_top_k(top_k, len(self.class_names))
         if len(images) == 0: return []
         t0 = time.perf_counter()
-        xb = torch.stack([self.transform(load_image(im)) for im in images])
-        out = [topk_predictions(row, self.class_names, top_k) for row in self.logits(xb)]
+        out = self.answer_tensors(torch.stack([self.transform(load_image(im)) for im in images]), top_k, tta, threshold)
         if self.log_path: self._log(images, out, 1000 * (time.perf_counter() - t0) / len(images))
         return out
 
-    def predict(self, image, top_k:int=3) -> list:
+    def answer(self, image, top_k:int=3, tta:bool|None=None, threshold:float|None=None) -> dict:
+        "`{'predictions': [(class_name, probability), …], 'uncertain': bool}` for one image."
+        return self.answer_batch([image], top_k, tta, threshold)[0]
+
+    def predict_batch(self, images:Sequence, top_k:int=3, tta:bool|None=None) -> list:
+        "Top-`top_k` `(class_name, probability)` lists for `images` (paths, bytes or PIL images), one forward pass."
+        return [a['predictions'] for a in self.answer_batch(images, top_k, tta)]
+
+    def predict(self, image, top_k:int=3, tta:bool|None=None) -> list:
         "Top-`top_k` `(class_name, probability)` pairs for one image."
-        return self.predict_batch([image], top_k)[0]
+        return self.predict_batch([image], top_k, tta)[0]
 
     def __repr__(self): return f"Predictor({self.model_name!r}, version={self.version!r}, {len(self.class_names)} classes, {self.device})"
 
@@ -129,16 +144,17 @@ def image_identity(image) -> tuple[str, int]:
     raw = bytes(image) if isinstance(image, (bytes, bytearray)) else image.tobytes() if hasattr(image, 'tobytes') else Path(image).read_bytes()
     return hashlib.sha256(raw).hexdigest(), len(raw)
 
-def prediction_record(predictor, image, preds:list, latency_ms:float) -> dict:
+def prediction_record(predictor, image, preds:list, latency_ms:float,
+                      uncertain:bool|None=None) -> dict:   # the answer's flag (None: not known, as in logs of older releases)
     "The JSON-line dict logged for one prediction."
     sha, size = image_identity(image)
     return dict(time=datetime.now(timezone.utc).isoformat(timespec='milliseconds'), model=predictor.model_name, version=predictor.version,
-                alias=predictor.alias, top_k=[[c, round(float(p), 6)] for c, p in preds], latency_ms=round(float(latency_ms), 3),
-                image_sha256=sha, image_bytes=size)
+                alias=predictor.alias, top_k=[[c, round(float(p), 6)] for c, p in preds], uncertain=uncertain,
+                latency_ms=round(float(latency_ms), 3), image_sha256=sha, image_bytes=size)
 
-def _log(self, images, preds, latency_ms:float):
-    "Append one line per image to `self.log_path` (under the predictor's lock: lines never interleave)."
-    lines = ''.join(json.dumps(prediction_record(self, im, p, latency_ms)) + '\n' for im, p in zip(images, preds))
+def _log(self, images, answers:list, latency_ms:float):
+    "Append one line per image and answer to `self.log_path` (under the predictor's lock: lines never interleave)."
+    lines = ''.join(json.dumps(prediction_record(self, im, a['predictions'], latency_ms, a['uncertain'])) + '\n' for im, a in zip(images, answers))
     self.log_path.parent.mkdir(parents=True, exist_ok=True)
     with self._lock, open(self.log_path, 'a') as f: f.write(lines)
 
@@ -146,17 +162,17 @@ Predictor._log = _log
 
 # %% ../nbs/05_inference.ipynb #f4e1e655
 def _from_dir(cls, model_dir:str|Path, # a version folder or the output folder (newest version)
-              device:str='auto') -> Predictor:
+              device:str='auto', tta:bool|None=None) -> Predictor:
     "A `Predictor` for saved artifacts."
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
     model, mc = load_model_for_inference(model_dir, None, dev)
-    return cls(model, mc, dev)
+    return cls(model, mc, dev, tta=tta)
 
 def _from_export(cls, path:str|Path, # a `.onnx` or TorchScript file written by `nutrilearn-export`
-                 threads:int|None=None) -> Predictor:
-    "A CPU `Predictor` for an exported file."
+                 threads:int|None=None, tta:bool|None=None) -> Predictor:
+    "A CPU `Predictor` for an exported file (its metadata's temperature, threshold and tta)."
     run, meta = load_exported(path, threads)
-    return cls(run, meta, 'cpu')
+    return cls(run, meta, 'cpu', tta=tta)
 
 Predictor.from_dir, Predictor.from_export = classmethod(_from_dir), classmethod(_from_export)
 
@@ -203,6 +219,11 @@ class RoutedPredictor:
         "`(alias, version, top-k pairs)`: routed by `key` (default: the image's sha256)."
         p = self.predictor_for(key if key is not None else image_identity(image)[0])
         return p.alias, p.version, p.predict(image, top_k)
+
+    def answer(self, image, top_k:int=3, key:str|None=None, tta:bool|None=None, threshold:float|None=None) -> tuple:
+        "`(alias, version, {'predictions', 'uncertain'})`: routed like `predict`, answered by `Predictor.answer`."
+        p = self.predictor_for(key if key is not None else image_identity(image)[0])
+        return p.alias, p.version, p.answer(image, top_k, tta, threshold)
 
     def __repr__(self): return f"RoutedPredictor({ {a: round(w, 3) for a, w in self.weights.items()} })" 
 
@@ -274,9 +295,10 @@ Predictor.explain = _explain
 from .ensemble import ensemble_logits, ensemble_weights   # 02f_ensemble
 
 class EnsembleForward:
-    "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' probabilities."
+    "`run(batch) -> logits` of an ensemble: the log of the weighted mean of the members' calibrated probabilities (each at its own temperature)."
     def __init__(self, members:list, weights:list): self.members, self.weights = members, weights
-    def __call__(self, xb:torch.Tensor) -> torch.Tensor: return ensemble_logits([m.logits(xb) for m in self.members], self.weights).float()
+    def __call__(self, xb:torch.Tensor) -> torch.Tensor:
+        return ensemble_logits([m.logits(xb) / answer_settings(m.config)['temperature'] for m in self.members], self.weights).float()
 
 def load_predictor(ref,                 # a `Predictor`, a model folder, an exported file or a 'models:/…' reference
                    device:str='auto', tracking_uri:str|None=None) -> Predictor:
@@ -300,7 +322,8 @@ def _ensemble(cls, members:Sequence,       # Predictors, model folders, 'models:
             raise ValueError(f"ensemble members must have the same classes in the same order: {first!r} and {p!r} differ")
         if (input_side(p.config), p.config.get('resize_size')) != (input_side(first.config), first.config.get('resize_size')):
             raise ValueError(f"ensemble members must share the input size and resize: {first!r} and {p!r} differ")
-    cfg = {**first.config, 'model_name': 'ensemble(' + ', '.join(str(p.model_name) for p in preds) + ')', 'ensemble_weights': w}
+    cfg = {**{k: v for k, v in first.config.items() if k not in CALIBRATION_KEYS},   # the members' were fitted to their own outputs
+           'model_name': 'ensemble(' + ', '.join(str(p.model_name) for p in preds) + ')', 'ensemble_weights': w}
     ens = cls(EnsembleForward(preds, w), cfg, 'cpu', version=[p.version for p in preds])
     ens.members, ens.weights = preds, w
     return ens
@@ -309,8 +332,9 @@ Predictor.ensemble = classmethod(_ensemble)
 
 # %% ../nbs/05_inference.ipynb #9fc8019a
 def predict_files(predictor:Predictor, images:Sequence[str], # image paths
-                  top_k:int=3, batch_size:int=32) -> list:
-    "`{'image', 'predictions': [{'class', 'probability'}, …]}` or `{'image', 'error'}` per image, in order."
+                  top_k:int=3, batch_size:int=32,
+                  tta:bool|None=None, threshold:float|None=None) -> list: # per call (see `Predictor.answer_batch`)
+    "`{'image', 'predictions': [{'class', 'probability'}, …], 'uncertain'}` or `{'image', 'error'}` per image, in order."
     _check_top_k(top_k, len(predictor.class_names))
     out = []
     for i in range(0, len(images), batch_size):
@@ -319,8 +343,8 @@ def predict_files(predictor:Predictor, images:Sequence[str], # image paths
             try: xs.append(predictor.transform(load_image(path))); rows.append({'image': str(path)})
             except (BadImageError, OSError) as e: out.append({'image': str(path), 'error': str(e)})
             else: out.append(rows[-1])
-        for r, logits in zip(rows, predictor.logits(torch.stack(xs)) if xs else []):
-            r['predictions'] = [{'class': c, 'probability': p} for c, p in topk_predictions(logits, predictor.class_names, top_k)]
+        for r, a in zip(rows, predictor.answer_tensors(torch.stack(xs), top_k, tta, threshold) if xs else []):
+            r.update(predictions=[{'class': c, 'probability': p} for c, p in a['predictions']], uncertain=a['uncertain'])
     return out
 
 # %% ../nbs/05_inference.ipynb #fe91e29f
@@ -359,6 +383,10 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true', help='print one JSON list instead of text lines (off by default)')
     p.add_argument('--device', choices=DEVICES, default='auto', help='where to run the model')
     p.add_argument('--explain', metavar='DIR', default=None, help='also write each photo with its Grad-CAM heat map and top-k to DIR (off by default)')
+    p.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None,
+                   help="average each photo's and its mirror's probabilities (--no-tta: never; default: what the model's training evaluated)")
+    p.add_argument('--threshold', type=float, default=None, metavar='P',
+                   help="flag answers whose top probability is below P as uncertain (default: the model's threshold, chosen on its validation split)")
     return p
 
 # %% ../nbs/05_inference.ipynb #21930611
@@ -367,14 +395,15 @@ def predict_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     "`nutrilearn-predict`: print top-k predictions; exit 1 only when every image failed."
     a = _predict_parser().parse_args(argv)
     try:
-        pred = Predictor.from_dir(a.model_dir, a.device)
+        pred = Predictor.from_dir(a.model_dir, a.device, tta=a.tta)
         _check_top_k(a.top_k, len(pred.class_names))
+        answer_settings(pred.config, threshold=a.threshold)
     except (FileNotFoundError, ValueError) as e: return _fail('nutrilearn-predict', e)
-    results = predict_files(pred, a.images, a.top_k)
+    results = predict_files(pred, a.images, a.top_k, threshold=a.threshold)
     if a.json: print(json.dumps(results, indent=2))
     for r in results:
         if 'error' in r:
             if not a.json: print(f"nutrilearn-predict: {r['error']}", file=sys.stderr)
-        elif not a.json: print(f"{r['image']}: " + ', '.join(f"{p['class']} {p['probability']:.1%}" for p in r['predictions']))
+        elif not a.json: print(f"{r['image']}: " + ', '.join(f"{p['class']} {p['probability']:.1%}" for p in r['predictions']) + (' (uncertain)' if r['uncertain'] else ''))
     if a.explain: print(f"explanations: {len(save_explanations(pred, results, a.explain))} PNGs in {a.explain}", file=sys.stderr)
     return 0 if any('predictions' in r for r in results) else 1

@@ -48,15 +48,17 @@ def summarize_predictions(records:list,                 # from `read_prediction_
                           train_counts:dict|None=None,  # images per class in training (None: balanced, as Food-101 is)
                           low_confidence:float=0.5      # a top-1 probability below this counts as low confidence
                          ) -> dict:
-    "Count, latency p50/p95, low-confidence share, predicted-class distribution and its JS drift from training."
+    "Count, latency p50/p95, low-confidence and uncertain shares, predicted-class distribution and its JS drift from training."
     if not records: raise ValueError("no predictions in the logs: nothing to summarise")
     lat = np.array([r['latency_ms'] for r in records], float)
     top1 = Counter(r['top_k'][0][0] for r in records)
     pred = [top1.get(c, 0) / len(records) for c in class_names]
     train = [float((train_counts or {}).get(c, 1.0)) for c in class_names] if train_counts else [1.0] * len(class_names)
     versions = Counter(f"{r.get('alias') or '-'}:{r.get('version')}" for r in records)
+    flags = [r['uncertain'] for r in records if r.get('uncertain') is not None]
     return dict(count=len(records), latency_p50_ms=float(np.percentile(lat, 50)), latency_p95_ms=float(np.percentile(lat, 95)),
                 low_confidence_share=sum(r['top_k'][0][1] < low_confidence for r in records) / len(records),
+                uncertain_count=sum(flags), uncertain_known=len(flags), uncertain_share=sum(flags) / len(flags) if flags else None,
                 unknown_classes=sorted(set(top1) - set(class_names)), drift_js=js_distance(pred, train) if sum(pred) else 1.0,
                 predicted_distribution=dict(zip(class_names, pred)), training_distribution=dict(zip(class_names, np.array(train) / sum(train))),
                 versions=dict(versions))
@@ -92,7 +94,9 @@ def main(argv:list|None=None) -> int:
         s = summarize_predictions(read_prediction_logs(a.logs), mc['class_names'], mc.get('train_class_counts'), a.low_confidence)
     except (FileNotFoundError, ValueError, KeyError) as e: print(f"nutrilearn-monitor: error: {e}", file=sys.stderr); return 1
     print(f"{s['count']} predictions ({', '.join(f'{k}: {v}' for k, v in s['versions'].items())}); latency p50 {s['latency_p50_ms']:.1f} ms, "
-          f"p95 {s['latency_p95_ms']:.1f} ms; low confidence (< {a.low_confidence:g}) {s['low_confidence_share']:.1%}; JS drift {s['drift_js']:.3f}")
+          f"p95 {s['latency_p95_ms']:.1f} ms; low confidence (< {a.low_confidence:g}) {s['low_confidence_share']:.1%}; "
+          + (f"uncertain {s['uncertain_count']} of {s['uncertain_known']} ({s['uncertain_share']:.1%}); " if s['uncertain_known'] else 'uncertain: not logged; ')
+          + f"JS drift {s['drift_js']:.3f}")
     if a.tracking_uri: print(_log_summary(s, a, mc))
     return 0
 
@@ -105,7 +109,8 @@ def _log_summary(s:dict, a, mc:dict) -> str:
     t = tracking.MLflowTracker(a.tracking_uri, a.experiment_name, out/tracking.JOURNAL_NAME)
     rid = t.start(run_name=f"monitor-{mc.get('model_name')}-{mc.get('version')}")
     t.log_params({'model_name': mc.get('model_name'), 'model_version': mc.get('version'), 'logs': ','.join(a.logs)[:500]})
-    t.log_metrics({k: s[k] for k in ('count', 'latency_p50_ms', 'latency_p95_ms', 'low_confidence_share', 'drift_js')}, step=0)
+    t.log_metrics({k: s[k] for k in ('count', 'latency_p50_ms', 'latency_p95_ms', 'low_confidence_share', 'drift_js', 'uncertain_count',
+                                     'uncertain_share') if s[k] is not None}, step=0)
     for f in ('summary.json', 'class_distribution.png'): t.log_artifact(out/f)
     t.end()
     return f"mlflow: logged to run {rid} of experiment {a.experiment_name!r}" 

@@ -34,19 +34,21 @@ def check_top_k(top_k, n_classes:int) -> int:
         raise ValueError(f"top_k must be an integer from 1 to {n_classes} (the number of classes), got {top_k!r}")
     return int(top_k)
 
-def serving_request(images, top_k:int=3) -> dict:
+def serving_request(images, top_k:int=3,
+                    threshold:float|None=None) -> dict: # the request's uncertainty threshold (None: the model's)
     "The JSON body `POST /invocations` takes for `images` (paths or bytes)."
-    return {'dataframe_split': {'columns': [SERVING_COLUMN], 'data': [[encode_image(im)] for im in images]}, 'params': {'top_k': top_k}}
+    return {'dataframe_split': {'columns': [SERVING_COLUMN], 'data': [[encode_image(im)] for im in images]},
+            'params': {'top_k': top_k, **({} if threshold is None else {'threshold': threshold})}}
 
 # %% ../nbs/02c_serving.ipynb #88ce9512
 def serving_signature():
-    "The pyfunc's `ModelSignature`: base64 image strings in, top-k classes and probabilities (or an error) out, `top_k` param."
+    "The pyfunc's `ModelSignature`: base64 image strings in, top-k classes, probabilities and `uncertain` (or an error) out, `top_k` and `threshold` params."
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
     return ModelSignature(inputs=Schema([ColSpec('string', SERVING_COLUMN, required=False)]),
                           outputs=Schema([ColSpec(Array('string'), 'classes'), ColSpec(Array('double'), 'probabilities'),
-                                          ColSpec('string', 'error', required=False)]),
-                          params=ParamSchema([ParamSpec('top_k', 'long', 3)]))
+                                          ColSpec('boolean', 'uncertain', required=False), ColSpec('string', 'error', required=False)]),
+                          params=ParamSchema([ParamSpec('top_k', 'long', 3), ParamSpec('threshold', 'double', None)]))
 
 def pyfunc_artifacts(model_dir) -> dict:
     "The pyfunc's artifacts from a version folder: weights, `model_config.json`, `class_to_idx.json`."
@@ -57,12 +59,15 @@ def pyfunc_artifacts(model_dir) -> dict:
 
 # %% ../nbs/02c_serving.ipynb #e86b2d6a
 def topk_frame(probs, class_names:list, k:int=3,
-               errors:list|None=None) -> pd.DataFrame: # one entry per image: None for the rows of `probs` in order, else the error
-    "One row per image: the `k` most likely `classes` (best first) and their `probabilities`, or the image's `error`."
-    p, i = probs.topk(int(k), dim=1)
-    answers = iter(zip(([class_names[j] for j in row] for row in i.tolist()), p.tolist()))
-    rows = [(*next(answers), None) if e is None else ([], [], e) for e in ([None] * len(probs) if errors is None else errors)]
-    return pd.DataFrame(rows, columns=['classes', 'probabilities', 'error'], dtype=object)   # object: a missing error stays None (JSON null), not NaN
+               errors:list|None=None,      # one entry per image: None for the rows of `probs` in order, else the error
+               threshold:float|None=None   # uncertainty threshold (`predict.is_uncertain`)
+              ) -> pd.DataFrame:
+    "One row per image: the `k` most likely `classes` (best first), their `probabilities` and `uncertain`, or the image's `error`."
+    from nutrilearn_train.predict import decode_answers
+    answers = iter(decode_answers(probs, class_names, int(k), threshold) if len(probs) else [])
+    rows = [((lambda a: ([c for c, _ in a['predictions']], [p for _, p in a['predictions']], a['uncertain'], None))(next(answers))
+             if e is None else ([], [], None, e)) for e in ([None] * len(probs) if errors is None else errors)]
+    return pd.DataFrame(rows, columns=['classes', 'probabilities', 'uncertain', 'error'], dtype=object)   # object: a missing value stays None (JSON null), not NaN
 
 def prepare_images(col, transform, max_pixels:int) -> tuple[list, list]:
     "Per request row: its preprocessed tensor (None if it failed) and its error (None if not); a bad row never stops the rest."
@@ -75,10 +80,11 @@ def prepare_images(col, transform, max_pixels:int) -> tuple[list, list]:
     return xs, errors
 
 class FoodClassifier(mlflow.pyfunc.PythonModel):
-    "Top-k Food-101 classes for base64-encoded images."
+    "Top-k Food-101 classes, calibrated probabilities and an `uncertain` flag for base64-encoded images."
     def load_context(self, context):
         from nutrilearn_train.persistence import input_side, load_model_config, load_saved_model
         from nutrilearn_train.data import RequestLimits, build_val_transform
+        from nutrilearn_train.predict import answer_settings
         self.config = load_model_config(context.artifacts['model_config'])
         if not self.config.get('weights_sha256'):
             warnings.warn("model_config.json records no weights_sha256 (saved before nutrilearn_train recorded it): the weights "
@@ -88,21 +94,24 @@ class FoodClassifier(mlflow.pyfunc.PythonModel):
         if sorted(c2i, key=c2i.get) != list(self.config['class_names']):
             raise ValueError("class_to_idx.json and model_config.json disagree on the classes; re-log the model from its version folder")
         self.transform = build_val_transform(input_side(self.config), int(self.config.get('resize_size', 256)))
+        self.settings = answer_settings(self.config)   # temperature, threshold, tta: a broken config fails at load, not per request
         self.limits = RequestLimits.from_env()   # the server's environment: NUTRILEARN_MAX_IMAGES, …
 
     def predict(self, context, model_input, params=None):
         import torch
         from nutrilearn_train.data import check_request
+        from nutrilearn_train.predict import answer_logits, answer_settings, class_probabilities
         names = self.config['class_names']
         try:   # request-level problems: one clear 400 before any image is decoded
             k = check_top_k((params or {}).get('top_k', 3), len(names))
+            cal = answer_settings(self.config, threshold=(params or {}).get('threshold'))
             col = list(pd.DataFrame(model_input)[SERVING_COLUMN])
             check_request(len(col), sum(len(s) * 3 // 4 for s in col if isinstance(s, str)), self.limits)
         except ValueError as e: raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(e)) from None
         xs, errors = prepare_images(col, self.transform, self.limits.max_pixels)
         good = [x for x in xs if x is not None]
-        with torch.inference_mode(): probs = self.model(torch.stack(good)).float().softmax(1) if good else torch.empty(0, len(names))
-        return topk_frame(probs, names, k, errors)
+        probs = class_probabilities(answer_logits(self.model, torch.stack(good), cal['tta']), cal['temperature']) if good else torch.empty(0, len(names))
+        return topk_frame(probs, names, k, errors, cal['threshold'])
 
 # %% ../nbs/02c_serving.ipynb #d1008e4a
 if __name__.startswith('code_model_'): mlflow.models.set_model(FoodClassifier())  # MLflow's models-from-code loader

@@ -194,11 +194,13 @@ def test_cli_logs_to_the_models_mlflow_run(mini, tmp_path):
     res = _cli('--model-dir', vdir, '--data-dir', mini, '--max-per-class', 2, '--num-workers', 0, '--device', 'cpu',
                '--tracking-uri', uri, cwd=tmp_path)   # the store is named by the user, never taken from the folder
     assert res.returncode == 0, res.stderr
-    assert f"logged test_* metrics and 4 files to run {run_id}" in res.stdout, res.stdout
+    assert f"logged test_* metrics and 6 files to run {run_id}" in res.stdout, res.stdout   # + calibration.json, reliability_diagram.png
     ev = json.loads((vdir/'evaluations/test_1/evaluation.json').read_text())  # default output dir: a new folder in the version folder
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.data.metrics['test_top1'] == pytest.approx(ev['top1_accuracy'])
     assert run.data.metrics['test_samples'] == 2 * len(classes)
     assert (run.info.status, run.info.end_time) == ('FINISHED', ended)   # added to, not reopened and ended again
     arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id, 'evaluation_test')}
-    assert {'evaluation_test/evaluation.json', 'evaluation_test/confusion_matrix.png'} <= arts, arts
+    assert {'evaluation_test/evaluation.json', 'evaluation_test/confusion_matrix.png', 'evaluation_test/reliability_diagram.png'} <= arts, arts
+    cal = json.loads((vdir/'evaluations/test_1/calibration.json').read_text())['metrics']
+    assert run.data.metrics['test_ece_after'] == pytest.approx(cal['ece_after'])   # the calibration metrics go to the run too

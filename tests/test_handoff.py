@@ -149,7 +149,8 @@ def test_mlflow_models_serve_answers_with_top3(tmp_path):
     r = run(cli(tmp_path, uri, name, '--promote', 'always'), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     photo = sorted((MINI/'food-101/images').glob('*/*.jpg'))[0]
-    want = Predictor.from_registry(f'models:/{name}@champion', tracking_uri=uri, device='cpu').predict(photo)
+    answer = Predictor.from_registry(f'models:/{name}@champion', tracking_uri=uri, device='cpu').answer(photo)
+    want = answer['predictions']
     port = free_port()
     with open(tmp_path/'serve.log', 'w') as log:
         proc = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', f'models:/{name}@champion', '--env-manager', 'local',
@@ -172,6 +173,7 @@ def test_mlflow_models_serve_answers_with_top3(tmp_path):
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
     assert len(got) == 1 and got[0]['classes'] == [c for c, _ in want], (got, want)
     assert all(abs(a - b) < 1e-5 for a, (_, b) in zip(got[0]['probabilities'], want))
+    assert got[0]['uncertain'] is answer['uncertain'] and got[0]['error'] is None   # issue 20: "not sure" over HTTP too
 
     # A/B through the same registry (champion and challenger are both version 1 here), logged, then monitored
     ab = Predictor.from_registry({'champion': 0.9, 'challenger': 0.1}, tracking_uri=uri, device='cpu', name=name, log_path=tmp_path/'pred.jsonl')

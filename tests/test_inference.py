@@ -166,14 +166,14 @@ def run_cli(*args, timeout=600):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    "A mobilenet_v2 trained for one epoch on 3 photos per class, registered as food-test@champion."
+    "A mobilenet_v2 trained for one epoch on 3 photos per class with --tta, registered as food-test@champion."
     if not DATA.is_dir(): pytest.skip(f'test data folder {DATA} is missing')
     d = tmp_path_factory.mktemp('trained')
     uri = f"sqlite:///{(d/'mlflow.db').resolve()}"
     r = run_cli('nutrilearn-train', '--data-dir', DATA, '--model-name', 'mobilenet_v2', '--no-pretrained', '--max-per-class', 3,
                 '--epochs', 1, '--batch-size', 8, '--num-workers', 0, '--device', 'cpu', '--output-dir', d/'outputs',
                 '--checkpoint-dir', d/'checkpoints', '--tracking-uri', uri, '--experiment-name', 'inference-test',
-                '--registered-model-name', 'food-test', '--model-alias', 'champion', '--promote', 'always')
+                '--registered-model-name', 'food-test', '--model-alias', 'champion', '--promote', 'always', '--tta')
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((DATA/'food-101/meta/test.json').read_text())
     test = [DATA/'food-101/images'/f'{rel}.jpg' for c in sorted(meta) for rel in meta[c]]
@@ -181,6 +181,21 @@ def trained(tmp_path_factory):
 
 
 def top1(preds): return [p[0][0] for p in preds]
+
+
+def test_training_calibrates_and_records_tta(trained):
+    "--tta: the folder records it, the temperature and threshold fitted on the validation split, and the test split's calibration."
+    mdir = resolve_model_dir(trained['outputs'])
+    mc = load_model_config(mdir)
+    assert mc['tta'] is True and mc['temperature'] > 0 and 0 <= mc['uncertainty_threshold'] <= 1, mc
+    cal = json.loads((mdir/'calibration.json').read_text())
+    assert (mdir/'reliability_diagram.png').is_file() and cal['metrics']['ece_after'] == mc['test_ece_after']
+    assert {'test_ece_before', 'test_ece_after', 'test_nll_before', 'test_nll_after', 'test_uncertain_share'} <= set(mc)
+    assert all(0 <= mc[k] <= 1 for k in ('test_ece_before', 'test_ece_after', 'test_uncertain_share'))
+    from mlflow import MlflowClient
+    run = MlflowClient(trained['uri']).get_run(mc['mlflow_run_id'])
+    assert {'temperature', 'uncertainty_threshold', 'val_nll_before', 'test_ece_after'} <= set(run.data.metrics)
+    assert run.data.params['tta'] == 'True'
 
 
 def test_reload_registry_exports_agree(trained):
@@ -205,12 +220,20 @@ def test_reload_registry_exports_agree(trained):
         path = inf.default_export_path(model_dir, mc, fmt)
         assert path.is_file() and str(path) in r.stdout
         d = float(r.stdout.split('max |Δ logits| vs PyTorch = ')[1].split()[0])
-        assert d <= 1e-4, r.stdout
+        dp = float(r.stdout.split('max |Δ calibrated probability| ')[1].split(')')[0])
+        assert d <= 1e-4 and dp <= 1e-4, r.stdout
         results[fmt] = inf.Predictor.from_export(path)
         assert results[fmt].class_names == from_dir.class_names and results[fmt].config['mean'] == mc['mean']
+    want = [a for i in range(0, len(imgs), 32) for a in from_dir.answer_batch(imgs[i:i+32])]
+    assert from_dir.tta is True and [a['predictions'] for a in want] == ref
     for name, p in results.items():
-        got = [q for i in range(0, len(imgs), 32) for q in p.predict_batch(imgs[i:i+32])]
-        assert top1(got) == top1(ref), name
+        assert {k: p.config.get(k) for k in ('temperature', 'uncertainty_threshold', 'tta')} == \
+               {k: mc[k] for k in ('temperature', 'uncertainty_threshold', 'tta')}, name      # exports carry the calibration
+        got = [q for i in range(0, len(imgs), 32) for q in p.answer_batch(imgs[i:i+32])]
+        assert top1([a['predictions'] for a in got]) == top1(ref), name
+        flips = [a['uncertain'] != b['uncertain'] for a, b in zip(got, want)]
+        near = [abs(b['predictions'][0][1] - mc['uncertainty_threshold']) < 1e-4 for b in want]
+        assert all(n for f, n in zip(flips, near) if f), name                                 # same flags, but for a hair's breadth
 
 
 def test_int8_export(trained):
@@ -237,6 +260,7 @@ def test_predict_cli_json_and_bad_image(trained, tmp_path):
     pred = inf.Predictor.from_dir(trained['outputs'], device='cpu')
     for e, im in zip(out[:2], imgs):
         assert [set(p) for p in e['predictions']] == [{'class', 'probability'}] * 3
+        assert e['uncertain'] is pred.answer(im)['uncertain']
         want = pred.predict(im)
         assert [p['class'] for p in e['predictions']] == [c for c, _ in want]
         np.testing.assert_allclose([p['probability'] for p in e['predictions']], [p for _, p in want], atol=1e-5)
@@ -250,6 +274,11 @@ def test_predict_cli_json_and_bad_image(trained, tmp_path):
     r = run_cli('nutrilearn-predict', bad, tmp_path/'missing.jpg', '--model-dir', trained['outputs'], '--json')
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert [set(e) for e in json.loads(r.stdout)] == [{'image', 'error'}] * 2
+
+    r = run_cli('nutrilearn-predict', imgs[0], '--model-dir', trained['outputs'], '--threshold', '1', '--no-tta', '--json')
+    e, = json.loads(r.stdout)
+    assert r.returncode == 0 and e['uncertain'] is True, r.stderr
+    assert np.isclose(e['predictions'][0]['probability'], pred.predict(imgs[0], tta=False)[0][1], atol=1e-5)
 
     r = run_cli('nutrilearn-predict', imgs[0], '--model-dir', tmp_path/'nowhere')
     assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr

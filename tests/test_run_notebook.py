@@ -55,6 +55,7 @@ def test_notebook_headless(tmp_path):
     assert len(pngs) >= 3, f"expected >= 3 images, got {len(pngs)}"
     text = _text(nb)
     assert 'Test split:' in text and 'worst classes' in text, text[-2000:]
+    assert 'Reliability: are the probabilities honest?' in text, text[-2000:]   # the reliability diagram is shown after training
     bars = [str(m['state'].get('value')) for m in nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state'].values()]
     assert any(re.match(r'test\s+split:\s+100%', b) for b in bars), "no finished progress bar for the test-split evaluation"
     exported = list((tmp_path / 'work' / 'outputs' / 'v1').glob('*.torchscript.pt'))   # the export cell, on form.result
