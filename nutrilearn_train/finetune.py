@@ -14,30 +14,28 @@ from . import data, metrics, models
 from .persistence import resolve_model_dir, load_model_config, load_saved_model, _underlying
 from .loop import DistInfo
 from .handoff import _update_model_config
+from .mlflow_io import download_model_version
 
 # %% auto #0
 __all__ = ['load_init_model', 'prepare_finetune', 'class_group_accuracy', 'forgetting_report']
 
-# %% ../nbs/03b_finetune.ipynb #84226e2b
+# %% ../nbs/03b_finetune.ipynb #7fd7b671
 def load_init_model(ref:str,           # a version folder (outputs/v3), the output folder, or models:/name@alias (or /version)
                     tracking_uri:str,   # the registry of a models:/ reference
                     download_dir:str|Path) -> tuple:  # where a registered version's artifacts are downloaded
-    "`(model, model_config)` of `--init-from`, loaded with `load_saved_model` (weights only)."
+    "`(model, model_config, pinned ref)` of `--init-from`, loaded with `load_saved_model`; a registry alias is pinned to its version."
     if str(ref).startswith('models:/'):
-        import mlflow   # only a registry reference needs MLflow
-        try: local = mlflow.artifacts.download_artifacts(artifact_uri=str(ref), dst_path=str(download_dir), tracking_uri=tracking_uri)
-        except Exception as e:
-            raise ValueError(f"--init-from {ref}: cannot download it from the registry at {redact_uri(tracking_uri)} "
-                             f"({type(e).__name__}: {' '.join(redact_uri(e).split())[:200]}); check the name and alias, or pass a vN/ folder") from None
-        d = resolve_model_dir(Path(local)/'artifacts' if (Path(local)/'artifacts').is_dir() else local)
-    else: d = resolve_model_dir(ref)
+        try: d, pinned = download_model_version(str(ref), tracking_uri, download_dir)
+        except (ValueError, FileNotFoundError) as e: raise ValueError(f"--init-from {ref}: {' '.join(str(e).split())}; or pass a vN/ folder") from None
+    else: d, pinned = resolve_model_dir(ref), str(ref)
     mc = load_model_config(d)
-    return load_saved_model(d/mc['weights_file'], mc), mc
+    return load_saved_model(d/mc['weights_file'], mc), mc, pinned
 
 # %% ../nbs/03b_finetune.ipynb #da7348cc
-def prepare_finetune(cfg:TrainingConfig, train_dl, val_dl, c2i:dict, device, dist:DistInfo|None=None) -> dict:
+def prepare_finetune(cfg:TrainingConfig, train_dl, val_dl, c2i:dict, device, dist:DistInfo|None=None,
+                     pinned:str|None=None) -> dict:   # on resume: the reference the first start resolved `--init-from` to
     "For `--init-from`: merged classes, relabelled (and rehearsal-mixed) training loader, expanded weights, old-class test loader."
-    init, mc = load_init_model(cfg.init_from, cfg.tracking_uri, Path(cfg.checkpoint_dir)/'init_from')
+    init, mc, pinned = load_init_model(pinned or cfg.init_from, cfg.tracking_uri, Path(cfg.checkpoint_dir)/'init_from')
     old = {c: i for i, c in enumerate(mc['class_names'])}
     merged = data.merge_class_to_idx(old, c2i)
     n_new = len(merged) - len(old)
@@ -55,7 +53,7 @@ def prepare_finetune(cfg:TrainingConfig, train_dl, val_dl, c2i:dict, device, dis
         train_dl = data.with_rehearsal(train_dl, cfg.rehearsal_dir, merged, cfg.rehearsal_fraction, seed=cfg.seed, max_per_class=cfg.max_per_class,
                                        augment=data.AugmentSpec.from_config(cfg), num_workers=cfg.num_workers, shard=shard)
     return dict(train_dl=train_dl, class_to_idx=merged, state=sd, model_name=mc['model_name'], old=old, n_new=n_new,
-                old_dl=old_dl, init=init)
+                old_dl=old_dl, init=init, pinned=pinned)
 
 # %% ../nbs/03b_finetune.ipynb #4f2681ef
 def class_group_accuracy(logits:torch.Tensor, targets:torch.Tensor, classes:set) -> float|None:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_inference.ipynb #04e59712
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, sys, threading, time, warnings
+import argparse, hashlib, importlib, json, os, sys, tempfile, threading, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,13 +15,14 @@ from torch import nn
 
 from .config import DEVICES, HelpFormatter, default_tracking_uri, get_device
 from .data import BadImageError, load_image
-from .persistence import input_side, version_number
+from .persistence import input_side, load_model_config, load_saved_model, version_number
+from .mlflow_io import download_model_version, parse_model_ref   # parse_model_ref: importable from here as before
 
 # %% auto #0
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'export_metadata', 'require_export_extra', 'load_exported', 'Predictor',
-           'image_identity', 'prediction_record', 'parse_model_ref', 'check_weights', 'route', 'RoutedPredictor',
-           'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation',
-           'save_explanations', 'predict_main']
+           'image_identity', 'prediction_record', 'check_weights', 'route', 'RoutedPredictor', 'load_registered_model',
+           'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation', 'save_explanations',
+           'predict_main']
 
 # %% ../nbs/05_inference.ipynb #43afde4f
 # The exporters moved to the `export` module (05c_export); these names stay importable from here. A lazy alias, not a
@@ -176,17 +177,6 @@ def _from_export(cls, path:str|Path, # a `.onnx` or TorchScript file written by 
 
 Predictor.from_dir, Predictor.from_export = classmethod(_from_dir), classmethod(_from_export)
 
-# %% ../nbs/05_inference.ipynb #7213c51e
-def parse_model_ref(ref # 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version)
-                   ) -> tuple[str, str, str]:
-    "`(name, 'alias'|'version', value)` for a registry reference."
-    if isinstance(ref, tuple) and len(ref) == 2 and isinstance(ref[1], int) and not isinstance(ref[1], bool) and ref[1] >= 1:
-        return str(ref[0]), 'version', str(ref[1])
-    rest = ref[len('models:/'):] if isinstance(ref, str) and ref.startswith('models:/') else ''
-    if '@' in rest and all(rest.split('@', 1)): return (*rest.split('@', 1)[:1], 'alias', rest.split('@', 1)[1])
-    if '/' in rest and rest.rsplit('/', 1)[1].isdigit() and rest.rsplit('/', 1)[0]: return rest.rsplit('/', 1)[0], 'version', rest.rsplit('/', 1)[1]
-    raise ValueError(f"model reference {ref!r} is not supported; use 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version:int)")
-
 # %% ../nbs/05_inference.ipynb #a7694df0
 def check_weights(weights:dict) -> dict:
     "`weights` normalised to sum to 1; `ValueError` unless they are non-negative numbers with a positive sum."
@@ -227,39 +217,17 @@ class RoutedPredictor:
 
     def __repr__(self): return f"RoutedPredictor({ {a: round(w, 3) for a, w in self.weights.items()} })" 
 
-# %% ../nbs/05_inference.ipynb #fda51d3c
-def _missing_files(name:str, mv, uri:str, err:Exception) -> FileNotFoundError:
-    "The error for a registered version whose files are not where the tracking store says (e.g. a store moved from Colab)."
-    return FileNotFoundError(
-        f"{name} version {mv.version} is registered in {uri}, but its files cannot be read ({' '.join(str(err).split())[:200]}). "
-        "If mlflow.db was moved from another machine (e.g. Colab's /content/drive/MyDrive/nutrilearn) together with its "
-        "mlartifacts/ folder, its artifact paths still point to the old place: re-root them once with "
-        "`reroot_mlflow_store('mlflow.db', 'OLD_FOLDER')` from this package's colab module (README: From Colab to your backend); "
-        "otherwise load the version's outputs/vN folder with Predictor.from_dir")
-
-def load_registered_model(ref,                      # see `parse_model_ref`
+# %% ../nbs/05_inference.ipynb #6e4ab781
+def load_registered_model(ref,                      # see `mlflow_io.parse_model_ref`
                           tracking_uri:str|None=None # default: $MLFLOW_TRACKING_URI, else sqlite in the working directory
                          ) -> tuple[nn.Module, dict, int]:
-    "The registered model (eval mode, CPU), its `model_config.json` dict and its registry version."
-    name, kind, value = parse_model_ref(ref)
-    import mlflow, mlflow.pyfunc  # only this function needs MLflow
-    from mlflow.exceptions import MlflowException
+    "The registered model (eval mode, CPU) rebuilt from the version's files, its `model_config.json` dict and its registry version."
+    parse_model_ref(ref)   # a typo fails before MLflow is contacted
     uri = tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or default_tracking_uri()
-    client = mlflow.MlflowClient(uri)
-    try: mv = client.get_model_version_by_alias(name, value) if kind == 'alias' else client.get_model_version(name, value)
-    except MlflowException as e: raise ValueError(f"cannot resolve {ref!r} in the registry at {uri}: {e.message}; list its versions in the MLflow UI "
-                                              f"(`mlflow ui --backend-store-uri {uri}`) and point an alias at one with "
-                                              f"`nutrilearn-promote --version N --name {name} --tracking-uri {uri}`") from None
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    with _use_tracking_uri(uri):
-        src = f"models:/{name}/{mv.version}"
-        try: info = mlflow.models.get_model_info(src)
-        except (MlflowException, OSError) as e: raise _missing_files(name, mv, uri, e) from None
-        if info.flavors.get('python_function', {}).get('loader_module') != 'mlflow.pyfunc.loaders.code_model':
-            raise ValueError(f"{name} version {mv.version} was logged as a pickled PyTorch module, which is not loaded (unpickling can run "
-                             "code); retrain with nutrilearn-train (it registers the serving pyfunc), or load its outputs/vN folder with Predictor.from_dir")
-        py = mlflow.pyfunc.load_model(src).unwrap_python_model()
-    return py.model.eval(), py.config, int(mv.version)
+    with tempfile.TemporaryDirectory() as tmp:   # the weights are read into memory; the download is not kept
+        d, pinned = download_model_version(ref, uri, tmp)
+        mc = load_model_config(d)
+        return load_saved_model(d/mc['weights_file'], mc).eval(), mc, int(parse_model_ref(pinned)[2])
 
 def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_path=None,
                    name:str='nutrilearn-food101') -> Predictor:  # the registered model, when `ref` is `{alias: weight}`

@@ -12,7 +12,7 @@ from .config import check_tracking_uri, default_tracking_uri, redact_uri
 
 # %% auto #0
 __all__ = ['HTTP_LIMITS', 'split_params', 'bound_http_requests', 'is_transient', 'setup_mlflow', 'default_pip_requirements',
-           'serving_pip_requirements', 'metric_history']
+           'serving_pip_requirements', 'parse_model_ref', 'download_model_version', 'metric_history']
 
 # %% ../nbs/02g_mlflow_io.ipynb #63c8dbba
 def split_params(existing:dict, new:dict) -> tuple:
@@ -184,6 +184,50 @@ def _version_by_alias(client, name:str, alias:str) -> Optional[dict]:
         if getattr(e, 'error_code', None) in ('RESOURCE_DOES_NOT_EXIST', 'INVALID_PARAMETER_VALUE', 'NOT_FOUND'): return None
         raise
     return {'version': int(mv.version), 'tags': dict(mv.tags), 'run_id': mv.run_id}
+
+# %% ../nbs/02g_mlflow_io.ipynb #7213c51e
+def parse_model_ref(ref # 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version)
+                   ) -> tuple[str, str, str]:
+    "`(name, 'alias'|'version', value)` for a registry reference."
+    if isinstance(ref, tuple) and len(ref) == 2 and isinstance(ref[1], int) and not isinstance(ref[1], bool) and ref[1] >= 1:
+        return str(ref[0]), 'version', str(ref[1])
+    rest = ref[len('models:/'):] if isinstance(ref, str) and ref.startswith('models:/') else ''
+    if '@' in rest and all(rest.split('@', 1)): return (*rest.split('@', 1)[:1], 'alias', rest.split('@', 1)[1])
+    if '/' in rest and rest.rsplit('/', 1)[1].isdigit() and rest.rsplit('/', 1)[0]: return rest.rsplit('/', 1)[0], 'version', rest.rsplit('/', 1)[1]
+    raise ValueError(f"model reference {ref!r} is not supported; use 'models:/<name>@<alias>', 'models:/<name>/<version>' or (name, version:int)")
+
+# %% ../nbs/02g_mlflow_io.ipynb #29d51e1d
+def _missing_files(name:str, version, uri:str, err:Exception) -> FileNotFoundError:
+    "The error for a registered version whose files are not where the tracking store says (e.g. a store moved from Colab)."
+    return FileNotFoundError(
+        f"{name} version {version} is registered in {redact_uri(uri)}, but its files cannot be read ({' '.join(redact_uri(err).split())[:200]}). "
+        "If mlflow.db was moved from another machine (e.g. Colab's /content/drive/MyDrive/nutrilearn) together with its "
+        "mlartifacts/ folder, its artifact paths still point to the old place: re-root them once with "
+        "`reroot_mlflow_store('mlflow.db', 'OLD_FOLDER')` from this package's colab module (README: From Colab to your backend); "
+        "otherwise load the version's outputs/vN folder with Predictor.from_dir")
+
+def download_model_version(ref,            # see `parse_model_ref`
+                           tracking_uri:str,
+                           dst) -> tuple:   # a folder to download into
+    "`(artifact folder, 'models:/<name>/<version>')`: the version's files, downloaded (never loaded), and the reference pinned."
+    from mlflow import MlflowClient, artifacts
+    from mlflow.exceptions import MlflowException
+    name, kind, value = parse_model_ref(ref); uri = _check_uri(tracking_uri); shown = redact_uri(uri)
+    client = MlflowClient(uri)
+    try: version = (client.get_model_version_by_alias(name, value) if kind == 'alias' else client.get_model_version(name, value)).version
+    except MlflowException as e: raise ValueError(f"cannot resolve {ref!r} in the registry at {shown}: {redact_uri(e.message)}; list its versions "
+                                              f"in the MLflow UI (`mlflow ui --backend-store-uri {shown}`) and point an alias at one with "
+                                              f"`nutrilearn-promote --version N --name {name} --tracking-uri {shown}`") from None
+    pinned = f"models:/{name}/{version}"
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri   # models:/ is resolved in the registry of this URI
+    try:
+        with _use_tracking_uri(uri): local = Path(artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst), tracking_uri=uri))
+    except (MlflowException, OSError) as e: raise _missing_files(name, version, uri, e) from None
+    d = local/'artifacts' if (local/'artifacts').is_dir() else local
+    if not (d/'model_config.json').is_file():
+        raise ValueError(f"{pinned} has no model_config.json: it was logged as a pickled PyTorch module by an older release, which is not "
+                         "loaded (unpickling can run code); retrain with nutrilearn-train, or load its outputs/vN folder")
+    return d, pinned
 
 # %% ../nbs/02g_mlflow_io.ipynb #508ebe7b
 def metric_history(run_id:str,                          # the run to read

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import builtins, contextlib, dataclasses, os, signal, sys, tempfile, traceback, warnings
 from contextlib import nullcontext
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from .handoff import _finish
 from .finetune import prepare_finetune, _report_finetune
 
 # %% auto #0
-__all__ = ['RESUME_RECIPE', 'USER_ERRORS', 'resolve_data_pipeline', 'make_loaders', 'check_writable', 'resolve_resume',
-           'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker', 'prepare_model', 'train',
-           'sigterm_as_interrupt', 'main']
+__all__ = ['RESUME_MAY_CHANGE', 'SPLIT_FIELDS', 'USER_ERRORS', 'resolve_data_pipeline', 'make_loaders', 'check_writable',
+           'resolve_resume', 'CheckpointExistsError', 'check_fresh_start', 'train_params', 'default_tracker',
+           'prepare_model', 'train', 'sigterm_as_interrupt', 'main']
 
 # %% ../nbs/03c_train.ipynb #3baca9c7
 # `nutrilearn_train.train` is where users import from: the loop, the hand-off, fine-tuning and the artifact and
@@ -107,26 +108,39 @@ def check_fresh_start(checkpoint_dir:str|Path) -> Path:
 # %% ../nbs/03c_train.ipynb #977878bf
 # what a resumed run must share with the checkpoint's (a field missing from an older checkpoint counts as its default); the
 # freezing fields and layer decay also decide the optimizer's parameter groups, which the checkpoint's optimizer state must fit
-RESUME_RECIPE = ('warmup_epochs', 'label_smoothing', 'augment', 'init_from', 'rehearsal_dir', 'rehearsal_fraction',
-                 'freeze_layers', 'train_bn', 'freeze_epochs', 'layer_decay', 'ema_decay', 'mixup', 'cutmix')
+# what may differ when a run is resumed: where it writes and logs, how fast it runs, how it is served; every other field is
+# the recipe (a changed optimizer, learning rate, batch size, freezing, schedule or data would mix two runs in one)
+RESUME_MAY_CHANGE = ('epochs', 'num_workers', 'log_interval', 'device', 'output_dir', 'checkpoint_dir', 'experiment_name', 'tracking_uri',
+                     'registered_model_name', 'model_alias', 'promote', 'promote_margin', 'keep_checkpoints', 'download', 'data_pipeline',
+                     'compile', 'grad_checkpointing', 'sync_bn', 'mixed_precision', 'pretrained', 'weights_path', 'tta',
+                     'early_stopping_patience', 'num_classes')
+SPLIT_FIELDS = ('data_dir', 'seed', 'train_split', 'max_per_class')   # they decide which images train and which validate
+
+def _resume_differences(saved:dict, cfg:TrainingConfig) -> list:
+    "`(field, saved value, requested value, why)` for every recipe field a resume would change (old checkpoints: the defaults)."
+    same = lambda k, a, b: str(Path(a).resolve()) == str(Path(b).resolve()) if k == 'data_dir' and a and b else a == b
+    out = []
+    for f in fields(TrainingConfig):
+        k, now = f.name, getattr(cfg, f.name)
+        was = saved.get(k, f.default)
+        if k == 'epochs' and cfg.scheduler != 'cosine': continue   # more epochs extend a run; a cosine schedule's length is the epoch count
+        if k in RESUME_MAY_CHANGE and k != 'epochs' or (k in SPLIT_FIELDS and k not in saved) or same(k, was, now): continue
+        why = 'it decides the train/validation split' if k in SPLIT_FIELDS else 'the cosine schedule spans it' if k == 'epochs' else ''
+        out.append((k, was, now, why))
+    return out
 
 def _check_resume(ck:dict, cfg:TrainingConfig, class_to_idx:dict, path:Path):
-    "Refuse a checkpoint from a different backbone or class list."
+    "Refuse a checkpoint from another backbone or class list, or whose recipe differs from `cfg`'s (naming each difference)."
     saved = ck.get('config') or {}
     if saved.get('model_name', cfg.model_name) != cfg.model_name:
         raise ValueError(f"{path} was trained with --model-name {saved['model_name']}, not {cfg.model_name}; resume with the same model name")
     if ck.get('class_to_idx') not in (None, class_to_idx):
         raise ValueError(f"{path} was trained on other classes than those in {cfg.data_dir}; resume with the same --data-dir and --max-per-class")
-    # these decide the train/val split: a change would move training images into validation (and break exactness)
-    same = lambda k: str(Path(saved[k]).resolve()) == str(Path(getattr(cfg, k)).resolve()) if k == 'data_dir' else saved[k] == getattr(cfg, k)
-    changed = [k for k in ('data_dir', 'seed', 'train_split', 'max_per_class') if k in saved and not same(k)]
-    if changed:
-        raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
-                         + f"; resume with the same value{'s' if len(changed) > 1 else ''} (they decide the train/validation split)")
-    recipe = [k for k in RESUME_RECIPE if saved.get(k, getattr(TrainingConfig, k)) != getattr(cfg, k)]
-    if recipe:   # a different schedule, loss, augmentation, parameter groups or fine-tuning data would not continue the same run
-        raise ValueError(f"{path} was trained with " + ', '.join(f"--{k.replace('_', '-')} {saved.get(k, getattr(TrainingConfig, k))}" for k in recipe)
-                         + "; resume with the same recipe (or start a fresh run)")
+    diff = _resume_differences(saved, cfg)
+    if diff:
+        raise ValueError(f"{path} was trained with another recipe: " + ', '.join(f"--{k.replace('_', '-')} {was} (now {now}{'; ' + why if why else ''})"
+                         for k, was, now, why in diff) + ". Resume with the checkpoint's values (pass them, or drop the flags that changed "
+                         f"them), or start a fresh run with another --checkpoint-dir than {cfg.checkpoint_dir}")
 
 def train_params(cfg:TrainingConfig, train_loader, val_loader, world_size:int=1) -> dict:
     "What `train` logs as MLflow params: the config, the dataset sizes and the number of processes."
@@ -178,7 +192,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
         check_writable(cfg.checkpoint_dir, 'checkpoint folder'); check_writable(cfg.output_dir, 'output folder')
         dist = dist_from_env(); device = setup_distributed(dist, cfg.device); set_seed(cfg.seed)
         train_dl, val_dl, c2i = make_loaders(cfg, device, dist)
-        ft = prepare_finetune(cfg, train_dl, val_dl, c2i, device, dist) if cfg.init_from else None   # merged classes, expanded head
+        ft = prepare_finetune(cfg, train_dl, val_dl, c2i, device, dist, pinned=ck and ck.get('init_from_pinned')) if cfg.init_from else None   # merged classes, expanded head
         if ft:
             if ft['model_name'] != cfg.model_name: print(f"note: --init-from is a {ft['model_name']}; fine-tuning that backbone")
             train_dl, c2i, cfg = ft['train_dl'], ft['class_to_idx'], dataclasses.replace(cfg, model_name=ft['model_name'])
@@ -195,7 +209,7 @@ def train(cfg:TrainingConfig|dict, # what to train, how, and where to write
                               data_pipeline='gpu' if isinstance(train_dl, gpu_data.DevicePrefetcher) else 'cpu',
                               **({'resumed_from_epoch': ck['epoch']} if ck else {})))
         res = fit(model, train_dl, val_dl, cfg, device=device, tracker=tracker, resume=ck, progress=progress, dist=dist,
-                  extra_state=dict(class_to_idx=c2i, data_seed=cfg.seed))  # data order = f(data_seed, epoch)
+                  extra_state=dict(class_to_idx=c2i, data_seed=cfg.seed, **({'init_from_pinned': ft['pinned']} if ft else {})))  # data order = f(data_seed, epoch)
         vdir = _finish(model, cfg, c2i, res, tracker, device) if dist.is_main else None
         if ft and vdir: _report_finetune(model, cfg, ft, c2i, res, tracker, vdir, device)
         if dist.active: tdist.barrier()        # the other ranks wait while rank 0 logs and registers the model
