@@ -53,6 +53,9 @@ def atomic_write(path:str|Path,  # the file to (over)write
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, PermissionError): raise _permission_error(path, what) from None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # the disk filled up while writing
+            raise InsufficientSpaceError(e.errno, f"the disk is full: could not write the {what} {path} ({e.strerror}); "
+                                                  f"the previous one is kept; free space in {path.parent}") from None
         raise
     _fsync_dir(path.parent)
     return path

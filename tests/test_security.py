@@ -451,3 +451,21 @@ def test_13_a_tune_study_on_sqlite_waits_for_a_busy_database(tmp_path):
     study.tell(trial, 0.5)                               # waits for the lock instead of raising OperationalError
     t.join()
     assert time.monotonic() - t0 >= 5 and [tr.state.name for tr in open_study('busy', f'sqlite:///{db}').trials] == ['COMPLETE']
+
+
+def test_10_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch):
+    "The disk fills up while epoch 2's checkpoint is written: a warning says where space is needed, epoch 1's survives, epoch 3 is saved."
+    import errno
+    from nutrilearn_train.persistence import read_checkpoint
+    from nutrilearn_train.test_utils import synth_loaders, tiny, tiny_cfg, quiet
+    from nutrilearn_train.train import fit
+    real_save, calls = torch.save, []
+    def save(obj, f, *a, **k):
+        calls.append(obj.get('epoch') if isinstance(obj, dict) else None)
+        if calls[-1] == 2: f.write(b'partial'); raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.warns(UserWarning, match=r"the disk is full: could not write the checkpoint .*last\.pth.*free space in .*training continues"):
+        res, _ = quiet(fit, tiny(), *synth_loaders(), tiny_cfg(tmp_path, epochs=3), progress=False)
+    assert [h['epoch'] for h in res['history']] == [1, 2, 3] and 2 in calls
+    assert read_checkpoint(tmp_path/'ck'/'last.pth')['epoch'] == 3 and not list((tmp_path/'ck').glob('*.tmp'))
