@@ -4,7 +4,8 @@
 
 # %% ../nbs/05_inference.ipynb #04e59712
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, sys, tempfile, threading, time, warnings
+import argparse, hashlib, importlib, json, os, sys, tempfile, threading, time, uuid, warnings
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,15 +15,16 @@ import torch
 from torch import nn
 
 from .config import DEVICES, HelpFormatter, default_tracking_uri, get_device
-from .data import BadImageError, load_image
+from .data import BadImageError, RequestLimits, check_request, load_image
 from .persistence import input_side, load_model_config, load_saved_model, version_number
 from .mlflow_io import download_model_version, parse_model_ref   # parse_model_ref: importable from here as before
+from .feedback import FeedbackStore
 
 # %% auto #0
-__all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'export_metadata', 'require_export_extra', 'load_exported', 'Predictor',
-           'image_identity', 'prediction_record', 'check_weights', 'route', 'RoutedPredictor', 'load_registered_model',
-           'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation', 'save_explanations',
-           'predict_main']
+__all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'RECENT_ANSWERS', 'RECENT_BYTES', 'export_metadata', 'require_export_extra',
+           'load_exported', 'Prediction', 'Predictor', 'image_identity', 'prediction_record', 'check_weights', 'route',
+           'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files',
+           'save_explanation', 'save_explanations', 'predict_main']
 
 # %% ../nbs/05_inference.ipynb #43afde4f
 # The exporters moved to the `export` module (05c_export); these names stay importable from here. A lazy alias, not a
@@ -90,6 +92,30 @@ def load_exported(path:str|Path,            # a `.onnx` file or a TorchScript fi
     if not raw: raise ValueError(f"{p} carries no {METADATA_KEY} metadata; export it with nutrilearn-export")
     return run, json.loads(raw)
 
+# %% ../nbs/05_inference.ipynb #3659997b
+class Prediction(list):
+    "The top-k `(class_name, probability)` pairs of one answer, with its `prediction_id` and `uncertain` flag."
+    def __init__(self, pairs=(), prediction_id:str|None=None, uncertain:bool|None=None):
+        super().__init__(pairs); self.prediction_id, self.uncertain = prediction_id, uncertain
+    def __repr__(self): return f"Prediction({list.__repr__(self)}, prediction_id={self.prediction_id!r}, uncertain={self.uncertain!r})"
+
+RECENT_ANSWERS, RECENT_BYTES = 256, 64 * 2**20   # answers whose photos `feedback` can still find
+
+def _remember(self, prediction_id:str, image, top1:str):
+    "Keep `image`'s bytes (None for a decoded image) and the answer under `prediction_id`, evicting the oldest beyond the bounds."
+    if self.feedback_store is None: return
+    raw = bytes(image) if isinstance(image, (bytes, bytearray)) else None if hasattr(image, 'size') and not isinstance(image, (str, Path)) \
+          else Path(image).read_bytes()
+    with self._lock:
+        self._recent[prediction_id] = (raw, top1); self._recent_bytes += len(raw or b'')
+        while len(self._recent) > RECENT_ANSWERS or self._recent_bytes > RECENT_BYTES:
+            _, (old, _) = self._recent.popitem(last=False); self._recent_bytes -= len(old or b'')
+
+def _encoded_size(image) -> int:
+    "Bytes a client sent for `image`: a file's size, raw bytes' length; 0 for an already decoded PIL image."
+    return len(image) if isinstance(image, (bytes, bytearray)) else 0 if hasattr(image, 'size') and not isinstance(image, (str, Path)) \
+        else Path(image).stat().st_size
+
 # %% ../nbs/05_inference.ipynb #32f0c9cc
 class Predictor:
     "Calibrated top-k food predictions, with an `uncertain` flag, from a model loaded once; safe to call from many threads."
@@ -98,8 +124,13 @@ class Predictor:
                  device:str|torch.device='cpu', version=None,
                  log_path:str|Path|None=None, # append one JSON line per prediction here (see `prediction_record`)
                  alias:str|None=None,         # the registry alias it was loaded by (logged)
-                 tta:bool|None=None):         # flip test-time augmentation by default (None: what the config records)
+                 tta:bool|None=None,          # flip test-time augmentation by default (None: what the config records)
+                 limits:RequestLimits|None=None, # per-request bounds (default: `RequestLimits.from_env()`)
+                 feedback=None):              # a `FeedbackStore` (or its folder): enables `feedback(prediction_id, label)`
         self.model, self.config, self.device = forward, config, torch.device(device)
+        self.limits = limits or RequestLimits.from_env()
+        self.feedback_store = FeedbackStore(feedback) if isinstance(feedback, (str, Path)) else feedback
+        self._recent, self._recent_bytes = OrderedDict(), 0   # prediction_id -> (photo bytes or None, top-1), for `feedback`
         self.log_path, self.alias = (Path(log_path) if log_path else None), alias
         self.class_names, self.model_name = list(config['class_names']), config.get('model_name')
         self.version = version_number(config) if version is None else version
@@ -117,12 +148,21 @@ class Predictor:
 
     def answer_batch(self, images:Sequence, top_k:int=3,
                      tta:bool|None=None, threshold:float|None=None) -> list: # per call (None: the predictor's `tta`, the config's threshold)
-        "Per image (paths, bytes or PIL images): `{'predictions': [(class_name, probability), …], 'uncertain': bool}`, one forward pass."
+        "Per image: `{'predictions': [(class, p), …], 'uncertain': bool, 'prediction_id'}`, or `{'error': why, …}` for one that cannot be read."
         _check_top_k(top_k, len(self.class_names))
         if len(images) == 0: return []
-        t0 = time.perf_counter()
-        out = self.answer_tensors(torch.stack([self.transform(load_image(im)) for im in images]), top_k, tta, threshold)
-        if self.log_path: self._log(images, out, 1000 * (time.perf_counter() - t0) / len(images))
+        check_request(len(images), sum(_encoded_size(im) for im in images), self.limits)   # before anything is decoded
+        t0, xs = time.perf_counter(), []
+        for im in images:
+            try: xs.append(self.transform(load_image(im, max_pixels=self.limits.max_pixels)))
+            except BadImageError as e: xs.append(e)   # this image's own error; the others are answered
+        ok = [x for x in xs if isinstance(x, torch.Tensor)]
+        answers = iter(self.answer_tensors(torch.stack(ok), top_k, tta, threshold) if ok else [])
+        out = [{**next(answers), 'prediction_id': uuid.uuid4().hex} if isinstance(x, torch.Tensor) else
+               {'predictions': None, 'uncertain': None, 'prediction_id': None, 'error': ' '.join(str(x).split())} for x in xs]
+        answered = [(im, a) for im, a in zip(images, out) if a['prediction_id']]
+        if self.log_path and answered: self._log(*zip(*answered), 1000 * (time.perf_counter() - t0) / len(images))
+        for im, a in answered: self._remember(a['prediction_id'], im, a['predictions'][0][0])
         return out
 
     def answer(self, image, top_k:int=3, tta:bool|None=None, threshold:float|None=None) -> dict:
@@ -130,14 +170,19 @@ class Predictor:
         return self.answer_batch([image], top_k, tta, threshold)[0]
 
     def predict_batch(self, images:Sequence, top_k:int=3, tta:bool|None=None) -> list:
-        "Top-`top_k` `(class_name, probability)` lists for `images` (paths, bytes or PIL images), one forward pass."
-        return [a['predictions'] for a in self.answer_batch(images, top_k, tta)]
+        "A `Prediction` (top-`top_k` pairs) per image, one forward pass; an unreadable image raises (`answer_batch` answers the others)."
+        out = self.answer_batch(images, top_k, tta)
+        bad = [f"image {i}: {a['error']}" for i, a in enumerate(out) if a['prediction_id'] is None]
+        if bad: raise BadImageError(f"{len(bad)} of {len(out)} images", '; '.join(bad))
+        return [Prediction(a['predictions'], a['prediction_id'], a['uncertain']) for a in out]
 
     def predict(self, image, top_k:int=3, tta:bool|None=None) -> list:
         "Top-`top_k` `(class_name, probability)` pairs for one image."
         return self.predict_batch([image], top_k, tta)[0]
 
     def __repr__(self): return f"Predictor({self.model_name!r}, version={self.version!r}, {len(self.class_names)} classes, {self.device})"
+
+Predictor._remember = _remember
 
 # %% ../nbs/05_inference.ipynb #6b688263
 def image_identity(image) -> tuple[str, int]:
@@ -146,34 +191,53 @@ def image_identity(image) -> tuple[str, int]:
     return hashlib.sha256(raw).hexdigest(), len(raw)
 
 def prediction_record(predictor, image, preds:list, latency_ms:float,
-                      uncertain:bool|None=None) -> dict:   # the answer's flag (None: not known, as in logs of older releases)
+                      uncertain:bool|None=None,    # the answer's flag (None: not known, as in logs of older releases)
+                      prediction_id:str|None=None) -> dict:
     "The JSON-line dict logged for one prediction."
     sha, size = image_identity(image)
     return dict(time=datetime.now(timezone.utc).isoformat(timespec='milliseconds'), model=predictor.model_name, version=predictor.version,
-                alias=predictor.alias, top_k=[[c, round(float(p), 6)] for c, p in preds], uncertain=uncertain,
+                alias=predictor.alias, prediction_id=prediction_id, top_k=[[c, round(float(p), 6)] for c, p in preds], uncertain=uncertain,
                 latency_ms=round(float(latency_ms), 3), image_sha256=sha, image_bytes=size)
 
 def _log(self, images, answers:list, latency_ms:float):
-    "Append one line per image and answer to `self.log_path` (under the predictor's lock: lines never interleave)."
-    lines = ''.join(json.dumps(prediction_record(self, im, a['predictions'], latency_ms, a['uncertain'])) + '\n' for im, a in zip(images, answers))
-    self.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with self._lock, open(self.log_path, 'a') as f: f.write(lines)
+    "Append one line per image and answer to `self.log_path` (under the lock); a full disk costs the lines, never the answers."
+    lines = ''.join(json.dumps(prediction_record(self, im, a['predictions'], latency_ms, a['uncertain'], a.get('prediction_id'))) + '\n'
+                    for im, a in zip(images, answers))
+    try:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.log_path, 'a') as f: f.write(lines)
+    except OSError as e:
+        warnings.warn(f"could not write {len(answers)} prediction log line(s) to {self.log_path} ({type(e).__name__}: {e}); the answers "
+                      f"were given, their log lines are lost: free space in {self.log_path.parent}")
 
 Predictor._log = _log
 
+# %% ../nbs/05_inference.ipynb #65d36c57
+def _feedback(self, prediction_id:str, label:str, *, source:str='backend', image=None):
+    "Store a user's `label` for the answer `prediction_id` (its photo, this version, its answer) in the feedback store."
+    if self.feedback_store is None: raise ValueError("this Predictor has no feedback store: pass feedback='FOLDER' (or a FeedbackStore) when creating it")
+    with self._lock: raw, top1 = self._recent.get(prediction_id, (None, None))
+    photo = image if image is not None else raw
+    if photo is None:
+        raise ValueError(f"prediction {prediction_id!r} is not among the last {RECENT_ANSWERS} answers of this process (or was made on a "
+                         "decoded image): pass the photo, feedback(prediction_id, label, image=PATH_OR_BYTES)")
+    return self.feedback_store.add(photo, label, source=source, prediction_id=prediction_id, model_version=str(self.version), predicted=top1)
+
+Predictor.feedback = _feedback
+
 # %% ../nbs/05_inference.ipynb #f4e1e655
 def _from_dir(cls, model_dir:str|Path, # a version folder or the output folder (newest version)
-              device:str='auto', tta:bool|None=None) -> Predictor:
+              device:str='auto', tta:bool|None=None, feedback=None) -> Predictor:
     "A `Predictor` for saved artifacts."
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
     model, mc = load_model_for_inference(model_dir, None, dev)
-    return cls(model, mc, dev, tta=tta)
+    return cls(model, mc, dev, tta=tta, feedback=feedback)
 
 def _from_export(cls, path:str|Path, # a `.onnx` or TorchScript file written by `nutrilearn-export`
-                 threads:int|None=None, tta:bool|None=None) -> Predictor:
+                 threads:int|None=None, tta:bool|None=None, feedback=None) -> Predictor:
     "A CPU `Predictor` for an exported file (its metadata's temperature, threshold and tta)."
     run, meta = load_exported(path, threads)
-    return cls(run, meta, 'cpu', tta=tta)
+    return cls(run, meta, 'cpu', tta=tta, feedback=feedback)
 
 Predictor.from_dir, Predictor.from_export = classmethod(_from_dir), classmethod(_from_export)
 
@@ -215,6 +279,13 @@ class RoutedPredictor:
         p = self.predictor_for(key if key is not None else image_identity(image)[0])
         return p.alias, p.version, p.answer(image, top_k, tta, threshold)
 
+    def feedback(self, prediction_id:str, label:str, **kw):
+        "`Predictor.feedback` on the predictor that gave answer `prediction_id` (so the label is credited to the version that answered)."
+        for p in self.predictors.values():
+            if prediction_id in p._recent: return p.feedback(prediction_id, label, **kw)
+        raise ValueError(f"prediction {prediction_id!r} is not among the recent answers of any routed predictor; call feedback on "
+                         f"the one that answered: .predictors[ALIAS].feedback(prediction_id, label, image=...)")
+
     def __repr__(self): return f"RoutedPredictor({ {a: round(w, 3) for a, w in self.weights.items()} })" 
 
 # %% ../nbs/05_inference.ipynb #6e4ab781
@@ -230,15 +301,17 @@ def load_registered_model(ref,                      # see `mlflow_io.parse_model
         return load_saved_model(d/mc['weights_file'], mc).eval(), mc, int(parse_model_ref(pinned)[2])
 
 def _from_registry(cls, ref, tracking_uri:str|None=None, device:str='auto', log_path=None,
-                   name:str='nutrilearn-food101') -> Predictor:  # the registered model, when `ref` is `{alias: weight}`
+                   name:str='nutrilearn-food101',  # the registered model, when `ref` is `{alias: weight}`
+                   feedback=None) -> Predictor:    # a `FeedbackStore` or its folder (shared by the routed predictors)
     "A `Predictor` for a registered version, or a `RoutedPredictor` for `{alias: weight, …}` (A/B split)."
     if isinstance(ref, dict):
         check_weights(ref)
-        return RoutedPredictor({a: cls.from_registry(f"models:/{name}@{a}", tracking_uri, device, log_path) for a in ref}, ref)
+        store = FeedbackStore(feedback) if isinstance(feedback, (str, Path)) else feedback
+        return RoutedPredictor({a: cls.from_registry(f"models:/{name}@{a}", tracking_uri, device, log_path, feedback=store) for a in ref}, ref)
     model, mc, version = load_registered_model(ref, tracking_uri)
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
     kind, value = parse_model_ref(ref)[1:]
-    return cls(model.to(dev), mc, dev, version=version, log_path=log_path, alias=value if kind == 'alias' else None)
+    return cls(model.to(dev), mc, dev, version=version, log_path=log_path, alias=value if kind == 'alias' else None, feedback=feedback)
 
 Predictor.from_registry = classmethod(_from_registry)
 

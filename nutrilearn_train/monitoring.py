@@ -15,9 +15,10 @@ from matplotlib.figure import Figure
 from . import tracking
 from .config import HelpFormatter
 from .persistence import load_model_config
+from .feedback import FeedbackStore
 
 # %% auto #0
-__all__ = ['read_prediction_logs', 'js_distance', 'summarize_predictions', 'plot_class_distribution', 'main']
+__all__ = ['read_prediction_logs', 'js_distance', 'summarize_predictions', 'plot_class_distribution', 'live_agreement', 'main']
 
 # %% ../nbs/05a_monitoring.ipynb #5af611dc
 def read_prediction_logs(paths:Sequence) -> list:
@@ -75,6 +76,16 @@ def plot_class_distribution(summary:dict, max_classes:int=30) -> Figure:
     ax.set_title(f"{summary['count']} predictions — JS drift {summary['drift_js']:.3f}")
     return fig
 
+# %% ../nbs/05a_monitoring.ipynb #42b532fe
+def live_agreement(store,                   # a `FeedbackStore`, or its folder
+                   index_url:str|None=None  # the store's index URL, when `store` is a folder
+                  ) -> dict:
+    "`{version: {'answers', 'agree', 'rate'}}` from the feedback store's label events on predictions."
+    if isinstance(store, (str, Path)):
+        if not Path(store).is_dir(): raise FileNotFoundError(f"feedback store {store} does not exist; pass the folder the backend writes feedback to")
+        with FeedbackStore(store, index_url) as s: return s.agreement()
+    return store.agreement()
+
 # %% ../nbs/05a_monitoring.ipynb #e3251193
 def _monitor_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='nutrilearn-monitor', description='Summarise prediction logs (latency, confidence, drift) and log them to MLflow.',
@@ -84,6 +95,8 @@ def _monitor_parser() -> argparse.ArgumentParser:
     p.add_argument('--low-confidence', type=float, default=0.5, help='top-1 probability below which a prediction counts as low confidence')
     p.add_argument('--tracking-uri', default=None, help='MLflow tracking URI (default: none, print only)')
     p.add_argument('--experiment-name', default='nutrilearn-monitoring', help='MLflow experiment for monitoring runs')
+    p.add_argument('--feedback-store', default=None, help="a FeedbackStore folder: also report, per model version, how often users' labels agree with its answers")
+    p.add_argument('--index-url', default=None, help='the feedback store\'s index URL (default: its SQLite index, or $NUTRILEARN_FEEDBACK_INDEX_URL)')
     return p
 
 def main(argv:list|None=None) -> int:
@@ -92,11 +105,14 @@ def main(argv:list|None=None) -> int:
     try:
         mc = load_model_config(a.model_dir)
         s = summarize_predictions(read_prediction_logs(a.logs), mc['class_names'], mc.get('train_class_counts'), a.low_confidence)
+        s['agreement'] = live_agreement(a.feedback_store, a.index_url) if a.feedback_store else None
     except (FileNotFoundError, ValueError, KeyError) as e: print(f"nutrilearn-monitor: error: {e}", file=sys.stderr); return 1
     print(f"{s['count']} predictions ({', '.join(f'{k}: {v}' for k, v in s['versions'].items())}); latency p50 {s['latency_p50_ms']:.1f} ms, "
           f"p95 {s['latency_p95_ms']:.1f} ms; low confidence (< {a.low_confidence:g}) {s['low_confidence_share']:.1%}; "
           + (f"uncertain {s['uncertain_count']} of {s['uncertain_known']} ({s['uncertain_share']:.1%}); " if s['uncertain_known'] else 'uncertain: not logged; ')
           + f"JS drift {s['drift_js']:.3f}")
+    for v, g in (s['agreement'] or {}).items():
+        print(f"version {v}: users' labels agree with {g['agree']} of its {g['answers']} answers ({g['rate']:.1%}): its live accuracy")
     if a.tracking_uri: print(_log_summary(s, a, mc))
     return 0
 
@@ -110,7 +126,8 @@ def _log_summary(s:dict, a, mc:dict) -> str:
     rid = t.start(run_name=f"monitor-{mc.get('model_name')}-{mc.get('version')}")
     t.log_params({'model_name': mc.get('model_name'), 'model_version': mc.get('version'), 'logs': ','.join(a.logs)[:500]})
     t.log_metrics({k: s[k] for k in ('count', 'latency_p50_ms', 'latency_p95_ms', 'low_confidence_share', 'drift_js', 'uncertain_count',
-                                     'uncertain_share') if s[k] is not None}, step=0)
+                                     'uncertain_share') if s[k] is not None}
+                  | {f"live_agreement_v{v}": g['rate'] for v, g in (s.get('agreement') or {}).items()}, step=0)
     for f in ('summary.json', 'class_distribution.png'): t.log_artifact(out/f)
     t.end()
     return f"mlflow: logged to run {rid} of experiment {a.experiment_name!r}" 
