@@ -18,7 +18,7 @@ from .config import (AUGMENTS, DEVICES, OPTIMIZERS, SCHEDULERS, TrainingConfig, 
 from .data import ImageDataset, find_dataset, folder_samples, make_loader, stratified_split
 from .feedback import FeedbackStore, HELD_OUT_SHARE, INDEX_URL_ENV, majority_label, normalize_label, plan_classes
 from .metrics import collect_predictions
-from .mlflow_io import bound_http_requests
+from .mlflow_io import bound_http_requests, is_transient
 from .persistence import atomic_write, load_model_config, load_saved_model, resolve_model_dir
 from .predict import build_inference_transform
 from .registry import RegistryClient, data_fingerprint, promote_version
@@ -649,9 +649,9 @@ def learn(store:FeedbackStore, settings:LearnSettings, learner_dir:str|Path|None
                     if not once: continue
                     return rows
                 log(f"nutrilearn-learn: {rdir}")
-            except RoundError as e:
-                if not watch: raise
-                log(f"nutrilearn-learn: {e}; trying again in {interval:g}s")
+            except Exception as e:   # watching: a failed round, or the registry out of reach, is tried again later
+                if not watch or not (isinstance(e, RoundError) or is_transient(e)): raise
+                log(f"nutrilearn-learn: {redact_uri(' '.join(str(e).split())[:300])}; trying again in {interval:g}s")
             if not watch: return rows
             sleep(interval)
 
@@ -713,7 +713,7 @@ def open_store(path:str|Path, index_url:str|None=None) -> FeedbackStore:
         raise FileNotFoundError(f"no feedback store at {path} (no index.db there); create one with nutrilearn-feedback add/import --store {path}, or pass --index-url")
     return FeedbackStore(path, index_url)
 
-# %% ../nbs/05e_learn.ipynb #5159e6e7
+# %% ../nbs/05e_learn.ipynb #5d807f4a
 def _fail(e:BaseException, code:int) -> int:
     print(f"nutrilearn-learn: error: {' '.join(redact_uri(e).split())}", file=sys.stderr); return code
 
@@ -734,6 +734,9 @@ def main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
     except KeyboardInterrupt: print("nutrilearn-learn: stopped; the open round continues where it stopped at the next start", file=sys.stderr); return 130
     except (ValueError, FileNotFoundError, NoBaseError) as e: return _fail(e, 2)
     except (RoundError, *USER_ERRORS) as e: return _fail(e, 1)
+    except Exception as e:
+        if not is_transient(e): raise
+        return _fail(f"the MLflow server at {redact_uri(s.tracking_uri)} could not be reached ({' '.join(str(e).split())[:200]}); the open round continues at the next start", 1)
     finally: warnings.formatwarning = fmt
     return 0
 

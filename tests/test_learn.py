@@ -254,3 +254,30 @@ def test_kill_9_anywhere(tmp_path, mlflow_server):
         assert len(items) == len(set(items)) and set(items) == {p.sha for p in s.labelled('all') if not held_out(p.sha)}
     print(f"\nkill -9 during training, after registration and while gating, then two clean starts: versions {versions()}, "
           f"{len(items)} photos trained once each, {sum(m['held_out']['count'] for m in ms[-1:])} held out, cursor {ms[-1]['store']['upto']}")
+
+
+NB98 = Path(__file__).resolve().parents[1]/'nbs'/'98_teach_new_dishes.ipynb'
+
+@needs_data
+def test_teach_notebook_headless(tmp_path):
+    "Item 5: nbs/98 (the Colab notebook) run headless with papermill and tiny settings: photos in, one round, the table out."
+    import papermill as pm
+    work, photos = tmp_path/'work', tmp_path/'photos'
+    work.mkdir()
+    data = original_subset(tmp_path/'orig', ['apple_pie', 'bibimbap'], 4, 3)
+    train_champion(tmp_path/'champion', f"sqlite:///{work}/mlflow.db", data, 'nutrilearn-food101', epochs=1)   # what notebook 99 leaves behind
+    for d in ('chai', 'momos'):
+        (photos/d).mkdir(parents=True)
+        for p in sorted((INDIAN/'train'/d).iterdir())[:6]: (photos/d/p.name).symlink_to(p)
+    out = tmp_path/'executed.ipynb'
+    pm.execute_notebook(str(NB98), str(out), cwd=str(tmp_path), kernel_name='python3', execution_timeout=900, progress_bar=False,
+                        parameters=dict(photos_dir=str(photos), data_dir=str(data), work_dir=str(work), min_per_new_class=3, epochs=1,
+                                        batch_size=8, num_workers=0, device='cpu'))
+    outs = [o for c in json.loads(out.read_text())['cells'] for o in c.get('outputs', [])]
+    assert not [o for o in outs if o['output_type'] == 'error']
+    text = ''.join(''.join(o.get('text', '')) for o in outs)
+    assert '12 photos labelled, 0 already in the store, 0 skipped' in text and 'chai' in text, text[-2000:]
+    (row,) = round_rows(work/'feedback'/'learner')
+    assert row['state'] == 'done' and row['version'] == 2 and row['new_photos'] + row['held_out'] == 12, row
+    assert format_rounds([row]).splitlines()[1] in text                                   # the table, as the notebook printed it
+    assert any('image/png' in o.get('data', {}) for o in outs)                            # and the chart
