@@ -9,7 +9,7 @@ from collections import Counter
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -607,7 +607,7 @@ def run_round(rdir:Path, store:FeedbackStore, registry, tracking_uri:str, learne
 def round_row(m:dict, st:dict) -> dict:
     "Round `m`'s line in the rounds table: what it trained on, its gate's numbers, what became of it, how long it took."
     g = st.get('gate') or {}; h, o, t = g.get('held_out', {}), g.get('original', {}), dict(st['history'])
-    return dict(round=m['round'], state=st['state'], base=m['base']['version'], version=st.get('version'), new_photos=len(m['items']),
+    return dict(round=m['round'], state=st['state'], base=m['base']['version'], alias=m['base']['alias'], version=st.get('version'), new_photos=len(m['items']),
                 per_class=m['counts']['items'], rehearsed=len(m['reservoir']), held_out=h.get('n'), held_out_base=h.get('base'),
                 held_out_new=h.get('new'), original_base=o.get('base'), original_new=o.get('new'), forgetting=g.get('forgetting_points'),
                 promoted=st.get('promoted'), reason=st.get('reason'), seconds=t['done'] - t['planned'] if 'done' in t else None)
@@ -644,8 +644,9 @@ def learn(store:FeedbackStore, settings:LearnSettings, learner_dir:str|Path|None
                 rdir = open_round(root) or plan_round(store, root, settings, registry, force)
                 if isinstance(rdir, Path):
                     log(f"round {rdir.name}: {_plan_summary(read_manifest(rdir))}")
-                    rows.append(run_round(rdir, store, registry, settings.tracking_uri, root, train_fn, progress, log)); force = False
-                    log(format_rounds(rows[-1:]).splitlines()[1] + f"  ({rows[-1]['reason']})")
+                    rows.append(r := run_round(rdir, store, registry, settings.tracking_uri, root, train_fn, progress, log)); force = False
+                    log(format_rounds([r]) + f"\nround {r['round']}: version {r['version']} " + (f"is now @{r['alias']}" if r['promoted'] else 'was not promoted')
+                        + f": {r['reason']}")
                     if not once: continue
                     return rows
                 log(f"nutrilearn-learn: {rdir}")
