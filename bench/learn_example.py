@@ -67,7 +67,7 @@ def rounds(work: Path, max_forgetting: float):
     dishes = sorted(p.name for p in (INDIAN/'train').iterdir())
     args = [str(BIN/'nutrilearn-learn'), '--store', str(work/'feedback'), '--base', f'models:/{NAME}@champion', '--data-dir', str(FOOD),
             '--tracking-uri', uri, '--min-new', '60', '--min-per-new-class', '10', '--max-forgetting', str(max_forgetting), *RECIPE]
-    lines, extra = [], []
+    extra = []
     for r in range(5):
         with FeedbackStore(work/'feedback') as s:
             for d in dishes:

@@ -19,7 +19,7 @@ from .data import ImageDataset, find_dataset, folder_samples, make_loader, strat
 from .feedback import FeedbackStore, HELD_OUT_SHARE, INDEX_URL_ENV, majority_label, normalize_label, plan_classes
 from .metrics import collect_predictions
 from .mlflow_io import bound_http_requests, is_transient
-from .persistence import atomic_write, load_model_config, load_saved_model, resolve_model_dir
+from .persistence import atomic_write, load_model_config, load_saved_model
 from .predict import build_inference_transform
 from .registry import RegistryClient, data_fingerprint, promote_version
 from .train import USER_ERRORS, default_tracker, sigterm_as_interrupt, train

@@ -11,14 +11,13 @@ round state machine. Then the real thing, as a user runs it: `nutrilearn-learn` 
   then restarted: exactly one registered version per round, the cursor where the last round ended, every photo in
   exactly one round's manifest.
 """
-import json, os, signal, subprocess, sys, time
+import json, os, subprocess, sys, time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import start_mlflow_server, stop_mlflow_server
 from nutrilearn_train.learn import (DIGEST_TAG, STATES, LockHeldError, advance, learner_lock, gate_decision, held_out, held_out_score, manifest_digest, new_state,
                                     read_manifest, read_state, reservoir_update, round_dirs, round_rows, format_rounds, seal_manifest)
 
