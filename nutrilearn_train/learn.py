@@ -16,8 +16,9 @@ import numpy as np
 from .config import (AUGMENTS, DEVICES, OPTIMIZERS, SCHEDULERS, TrainingConfig, FLAG_HELP, HelpFormatter, default_tracking_uri, get_device,
                                      load_config_file, redact_uri)
 from .data import ImageDataset, find_dataset, folder_samples, make_loader, stratified_split
-from .feedback import FeedbackStore, HELD_OUT_SHARE, INDEX_URL_ENV, majority_label, normalize_label, plan_classes
+from .feedback import FeedbackStore, HELD_OUT_SHARE, INDEX_URL_ENV, held_out_score, majority_label, normalize_label, plan_classes
 from .metrics import collect_predictions
+from . import mlflow_io
 from .mlflow_io import bound_http_requests, is_transient
 from .persistence import atomic_write, load_model_config, load_saved_model
 from .predict import build_inference_transform
@@ -26,24 +27,23 @@ from .train import USER_ERRORS, default_tracker, sigterm_as_interrupt, train
 
 # %% auto #0
 __all__ = ['ITEM_KINDS', 'MANIFEST_FORMAT', 'STATES', 'ROUND_TAG', 'DIGEST_TAG', 'LEARNER_OWNS', 'ROUND_DEFAULTS', 'RECIPE_FLAGS',
-           'parse_model_ref', 'label_names', 'held_out_score', 'held_out', 'item_kind', 'reservoir_update', 'Scan',
-           'scan_feedback', 'split_round', 'manifest_digest', 'seal_manifest', 'check_manifest', 'new_state', 'advance',
-           'gate_decision', 'LockHeldError', 'learner_lock', 'read_manifest', 'read_state', 'write_state', 'round_dirs',
-           'open_round', 'last_done', 'link_photos', 'read_held_out', 'build_round_data', 'predicted_names',
-           'top1_by_name', 'score', 'LearnRegistry', 'lineage_tags', 'LineageTracker', 'LearnSettings', 'NoBaseError',
-           'resolve_base', 'original_test', 'plan_round', 'round_config', 'train_round', 'gate_round',
-           'gate_description', 'apply_gate', 'RoundError', 'run_round', 'round_row', 'round_rows', 'format_rounds',
-           'learn', 'settings_from_args', 'open_store', 'main']
+           'parse_model_ref', 'label_names', 'held_out', 'item_kind', 'reservoir_update', 'Scan', 'scan_feedback',
+           'split_round', 'manifest_digest', 'seal_manifest', 'check_manifest', 'new_state', 'advance', 'gate_decision',
+           'LockHeldError', 'learner_lock', 'read_manifest', 'read_state', 'write_state', 'round_dirs', 'open_round',
+           'last_done', 'link_photos', 'read_held_out', 'build_round_data', 'predicted_names', 'top1_by_name', 'score',
+           'LearnRegistry', 'lineage_tags', 'LineageTracker', 'LearnSettings', 'NoBaseError', 'resolve_base',
+           'original_test', 'plan_round', 'round_config', 'train_round', 'gate_round', 'gate_description', 'apply_gate',
+           'RoundError', 'run_round', 'round_row', 'round_rows', 'format_rounds', 'learn', 'settings_from_args',
+           'open_store', 'main']
 
-# %% ../nbs/05e_learn.ipynb #669e3613
+# %% ../nbs/05e_learn.ipynb #87fe9fff
 def parse_model_ref(ref:str # models:/NAME@ALIAS or models:/NAME/N
                    ) -> tuple:
-    "`(name, alias, version)` of a registry reference; exactly one of `alias` and `version` is None."
-    m = re.fullmatch(r'models:/([^/@\s]+)(?:@([A-Za-z0-9_-]+)|/([0-9]+))', str(ref).strip())
-    if not m: raise ValueError(f"--base {ref!r} is not a registry reference; write models:/NAME@ALIAS "
-                               "(e.g. models:/nutrilearn-food101@champion) or models:/NAME/N")
-    name, alias, v = m.groups()
-    return name, alias, None if v is None else int(v)
+    "`(name, alias, version)` of a registry reference (`mlflow_io.parse_model_ref`); exactly one of `alias` and `version` is None."
+    try: name, kind, value = mlflow_io.parse_model_ref(str(ref).strip())
+    except ValueError: raise ValueError(f"--base {ref!r} is not a registry reference; write models:/NAME@ALIAS "
+                                        "(e.g. models:/nutrilearn-food101@champion) or models:/NAME/N") from None
+    return (name, value, None) if kind == 'alias' else (name, None, int(value))
 
 # %% ../nbs/05e_learn.ipynb #3334fbee
 def label_names(class_names:Sequence[str] # a model's classes, index order
@@ -56,14 +56,9 @@ def label_names(class_names:Sequence[str] # a model's classes, index order
         out[k] = c
     return out
 
-# %% ../nbs/05e_learn.ipynb #f98ca475
-def held_out_score(sha:str # a photo's sha256 (hex)
-                  ) -> float:
-    "A number in [0, 1), uniform over photos however they were selected: the first 64 bits of sha256(the photo's sha256)."
-    return int(hashlib.sha256(bytes.fromhex(sha)).hexdigest()[:16], 16) / 2**64
-
+# %% ../nbs/05e_learn.ipynb #724795b4
 def held_out(sha:str, share:float=HELD_OUT_SHARE) -> bool:
-    "Whether the photo belongs to the gate's held-out set: about `share` of every class, the same photos forever."
+    "Whether the photo belongs to the gate's held-out set: about `share` of every class, the same photos forever (the store's rule)."
     if not 0 <= share < 1: raise ValueError(f"held-out share must be in [0, 1), got {share}; 0.2 holds out a fifth of each class")
     return held_out_score(sha) < share
 
