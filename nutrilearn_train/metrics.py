@@ -209,6 +209,16 @@ class EvaluationResults(Mapping):
         d['worst_classes'], d['best_classes'] = ([[c, float(f)] for c, f in v] for v in (self.worst_classes, self.best_classes))
         return d
 
+    @classmethod
+    def load(cls, path:str|Path) -> EvaluationResults:
+        "What `save` wrote (a run's `evaluation.json`), back as `EvaluationResults`."
+        p = Path(path)
+        if not p.is_file(): raise FileNotFoundError(f"no evaluation at {p}: the run's test evaluation was skipped (see its warning) or the path is wrong")
+        d = json.loads(p.read_text())
+        d['confusion_matrix'] = np.asarray(d['confusion_matrix'])
+        d['worst_classes'], d['best_classes'] = ([(c, f) for c, f in d[k]] for k in ('worst_classes', 'best_classes'))
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
     def save(self, path:str|Path) -> Path:
         "Write `to_dict()` as indented JSON to `path`."
         path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,28 +13,37 @@ import html, io, re
 import numpy as np
 import ipywidgets as W
 from IPython.display import Image, Markdown, display
-from tqdm.auto import tqdm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import MODEL_NAMES, TrainingConfig, config_from_dict
+from .persistence import load_model_config
+from .config import BACKBONE_BLOCKS, MODEL_NAMES, OPTIMIZERS, TrainingConfig, config_from_dict
 
 # %% auto #0
-__all__ = ['new_run_name', 'newest_run_dir', 'form_terms', 'TrainingForm', 'plot_curves', 'figure_png', 'show_figure',
-           'LiveChart', 'LiveChartTracker', 'run_training', 'plot_predictions', 'mlflow_ui_help', 'show_results',
-           'train_and_report']
+__all__ = ['RECIPES', 'new_run_name', 'newest_run_dir', 'form_terms', 'TrainingForm', 'plot_curves', 'figure_png', 'show_figure',
+           'LiveChart', 'LiveChartTracker', 'run_training', 'plot_predictions', 'mlflow_ui_help', 'show_results']
 
-# %% ../nbs/06_ui.ipynb #e1d05184
+# %% ../nbs/06_ui.ipynb #d98d41ef
+# presets of fields the form does not show; 'design' keeps TrainingConfig's defaults (docs/quality.md measures both)
+RECIPES = {'design': dict(freeze_epochs=0, freeze_layers=10, layer_decay=1.0), 'fine-tune': dict(freeze_epochs=1, freeze_layers=0, layer_decay=0.7)}
+
 def _form_widgets(p:dict) -> dict:
-    "One widget per form field, initialised from the parameters dict `p`."
+    "One widget per form field, initialised from the parameters dict `p` (missing keys: `TrainingConfig`'s defaults)."
     style, layout = {'description_width': '150px'}, W.Layout(width='420px')
-    kw = dict(style=style, layout=layout)
+    kw, d = dict(style=style, layout=layout), lambda k: p.get(k, getattr(TrainingConfig, k))
     return {
         'model_name': W.Dropdown(options=MODEL_NAMES, value=p['model_name'], description='Backbone', **kw),
+        'recipe': W.Dropdown(options=list(RECIPES), value=p.get('recipe', 'design'), description='Recipe', **kw),
         'epochs': W.BoundedIntText(value=p['epochs'], min=1, max=1000, description='Epochs', **kw),
         'batch_size': W.BoundedIntText(value=p['batch_size'], min=1, max=4096, description='Batch size', **kw),
+        'optimizer': W.Dropdown(options=OPTIMIZERS, value=d('optimizer'), description='Optimizer', **kw),
         'learning_rate': W.FloatLogSlider(value=p['learning_rate'], base=10, min=-6, max=0, step=0.1,
                                           readout_format='.1e', description='Learning rate', **kw),
+        'weight_decay': W.BoundedFloatText(value=d('weight_decay'), min=0, max=1, step=1e-5, description='Weight decay', **kw),
+        'freeze_layers': W.BoundedIntText(value=d('freeze_layers'), min=-1, max=max(BACKBONE_BLOCKS.values()),
+                                          description='Frozen blocks (-1: all)', **kw),
+        'early_stopping_patience': W.BoundedIntText(value=d('early_stopping_patience'), min=0, max=1000,
+                                                    description='Early stop after (0: never)', **kw),
         'pretrained': W.Checkbox(value=p['pretrained'], description='ImageNet-pretrained weights', indent=False),
         'mixed_precision': W.Checkbox(value=p['mixed_precision'], description='Mixed precision (GPU)', indent=False),
         'data_dir': W.Text(value=str(p['data_dir']), description='Data dir', **kw),
@@ -84,7 +93,14 @@ class TrainingForm:
         self.error, self.output, self.result = W.HTML(value=''), W.Output(), None
         self.button = W.Button(description='Train', button_style='success', icon='play')
         self.button.on_click(self._clicked)
+        self.widgets['recipe'].observe(lambda ch: self.apply_recipe(ch['new']), names='value')
+        if self.widgets['recipe'].value != 'design': self.apply_recipe(self.widgets['recipe'].value)   # a preset chosen in the parameters
         self.widget = W.VBox([*self.widgets.values(), self.error, self.button, self.output])
+
+    def apply_recipe(self, name:str):
+        "Show the preset's values in the fields the form has (the others come from the preset when Train is pressed)."
+        for k, v in RECIPES[name].items():
+            if k in self.widgets: self.widgets[k].value = v
 
     def _clicked(self, _=None):
         "A click's output (progress, charts, errors) goes into the form's output area."
@@ -92,7 +108,8 @@ class TrainingForm:
 
     def values(self) -> dict:
         "The form's current values as `TrainingConfig` keyword arguments."
-        v = {k: w.value for k, w in self.widgets.items() if k != 'resume'}
+        v = {k: w.value for k, w in self.widgets.items() if k not in ('resume', 'recipe')}
+        v = {**RECIPES[self.widgets['recipe'].value], **v}   # what the form shows wins (a user may change a preset's field)
         v['max_per_class'] = v['max_per_class'] or None
         v['data_dir'] = v['data_dir'].strip()
         return v
@@ -235,28 +252,25 @@ def mlflow_ui_help(run_id:str, tracking_uri:str) -> str:
             "`from google.colab import output; output.serve_kernel_port_as_window(5000)`; "
             "or download the `mlflow.db` file (and `mlartifacts/` beside it) and run `mlflow ui` on your machine.")
 
-# %% ../nbs/06_ui.ipynb #9c398207
+# %% ../nbs/06_ui.ipynb #d11868b5
 def show_results(result:dict,          # what `train()` returned
                  cfg:TrainingConfig,   # the config it trained with
                  n_images:int=4):      # test photos to show with their top-3 predictions
-    "Curves from MLflow, confusion matrix and worst classes on the test split, sample predictions, MLflow help."
+    "Curves from MLflow, the run's own test evaluation (confusion matrix, worst classes), sample predictions, MLflow help."
     from nutrilearn_train import data, evaluate, inference, tracking
     show_figure(plot_curves(tracking.metric_history(result['run_id'], cfg.tracking_uri), title='Per-epoch curves (read back from MLflow)'))
-    pred = inference.Predictor.from_dir(result['model_dir'], device=cfg.device)
-    dl = data.get_test_loader(cfg.data_dir, cfg.batch_size, cfg.num_workers, class_to_idx={c: i for i, c in enumerate(pred.class_names)},
-                              max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split)
-    res = evaluate.evaluate_model(pred.model, tqdm(dl, desc='test split', unit='batch'), pred.device, pred.class_names)
-    display(Markdown(f"**Test split:** top-1 {res.top1_accuracy:.1%}, top-5 {res.top5_accuracy:.1%} on {res.total_samples} images; "
-                     "worst classes (F1): " + ', '.join(f'{c} {f:.2f}' for c, f in res.worst_classes)))
-    show_figure(evaluate.plot_confusion_matrix(np.asarray(res.confusion_matrix), pred.class_names))
-    picks = dl.dataset.samples[::max(1, len(dl.dataset.samples) // n_images)][:n_images]  # spread over classes
+    vdir = Path(result['model_dir'])
+    try: res = evaluate.EvaluationResults.load(vdir/'evaluation.json')   # what the hand-off measured: no second pass over the test split
+    except FileNotFoundError as e: display(Markdown(f"**No test evaluation** in {vdir}: {e}")); res = None
+    if res is not None:
+        display(Markdown(f"**Test split:** top-1 {res.top1_accuracy:.1%}, top-5 {res.top5_accuracy:.1%} on {res.total_samples} images "
+                         "(the run's own end-of-run evaluation); worst classes (F1): " + ', '.join(f'{c} {f:.2f}' for c, f in res.worst_classes)))
+        show_figure(evaluate.plot_confusion_matrix(np.asarray(res.confusion_matrix), load_model_config(vdir)['class_names']))
+    pred = inference.Predictor.from_dir(vdir, device=cfg.device)
+    samples = data.get_test_loader(cfg.data_dir, cfg.batch_size, 0, class_to_idx={c: i for i, c in enumerate(pred.class_names)},
+                                   max_per_class=cfg.max_per_class, seed=cfg.seed, train_split=cfg.train_split).dataset.samples   # file names only
+    picks = samples[::max(1, len(samples) // n_images)][:n_images]  # spread over classes
     show_figure(plot_predictions([p for p, _ in picks], [pred.predict(p, top_k=3) for p, _ in picks],
                                  [f'true: {pred.class_names[y]}' for _, y in picks]))
     display(Markdown(mlflow_ui_help(result['run_id'], cfg.tracking_uri)))
     return res
-
-def train_and_report(cfg:TrainingConfig, resume:Optional[str]=None, run_name:Optional[str]=None) -> dict:
-    "What the Train button does: `run_training`, then `show_results`."
-    result = run_training(cfg, resume, run_name=run_name)
-    show_results(result, cfg)
-    return result
