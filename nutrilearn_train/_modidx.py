@@ -1372,4 +1372,5 @@ d = { 'settings': { 'branch': 'main',
                                      'nutrilearn_train.ui.plot_predictions': ('ui.html#plot_predictions', 'nutrilearn_train/ui.py'),
                                      'nutrilearn_train.ui.run_training': ('ui.html#run_training', 'nutrilearn_train/ui.py'),
                                      'nutrilearn_train.ui.show_figure': ('ui.html#show_figure', 'nutrilearn_train/ui.py'),
-                                     'nutrilearn_train.ui.show_results': ('ui.html#show_results', 'nutrilearn_train/ui.py')}}}
+                                     'nutrilearn_train.ui.show_results': ('ui.html#show_results', 'nutrilearn_train/ui.py'),
+                                     'nutrilearn_train.ui.train_and_report': ('ui.html#train_and_report', 'nutrilearn_train/ui.py')}}}

@@ -17,11 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .persistence import load_model_config
-from .config import BACKBONE_BLOCKS, MODEL_NAMES, OPTIMIZERS, TrainingConfig, config_from_dict
+from .config import BACKBONE_BLOCKS, MODEL_NAMES, OPTIMIZERS, TrainingConfig, config_from_dict, redact_uri
 
 # %% auto #0
 __all__ = ['RECIPES', 'new_run_name', 'newest_run_dir', 'form_terms', 'TrainingForm', 'plot_curves', 'figure_png', 'show_figure',
-           'LiveChart', 'LiveChartTracker', 'run_training', 'plot_predictions', 'mlflow_ui_help', 'show_results']
+           'LiveChart', 'LiveChartTracker', 'run_training', 'plot_predictions', 'mlflow_ui_help', 'show_results',
+           'train_and_report']
 
 # %% ../nbs/06_ui.ipynb #d98d41ef
 # presets of fields the form does not show; 'design' keeps TrainingConfig's defaults (docs/quality.md measures both)
@@ -245,7 +246,8 @@ def plot_predictions(images:Sequence,      # paths (or PIL images)
 
 # %% ../nbs/06_ui.ipynb #616b6d3d
 def mlflow_ui_help(run_id:str, tracking_uri:str) -> str:
-    "Markdown saying how to open the MLflow UI on `tracking_uri` (also from Colab)."
+    "Markdown saying how to open the MLflow UI on `tracking_uri` (also from Colab); credentials in it are not shown."
+    tracking_uri = redact_uri(tracking_uri)
     return (f"**MLflow run** `{run_id}` in `{tracking_uri}`\n\n"
             f"- Locally: `mlflow ui --backend-store-uri {tracking_uri} --port 5000`, then open http://127.0.0.1:5000\n"
             f"- In Colab: run `!mlflow ui --backend-store-uri {tracking_uri} --port 5000 &` in a cell, then "
@@ -274,3 +276,9 @@ def show_results(result:dict,          # what `train()` returned
                                  [f'true: {pred.class_names[y]}' for _, y in picks]))
     display(Markdown(mlflow_ui_help(result['run_id'], cfg.tracking_uri)))
     return res
+
+def train_and_report(cfg:TrainingConfig, resume:Optional[str]=None, run_name:Optional[str]=None) -> dict:
+    "What the Train button does: `run_training`, then `show_results`."
+    result = run_training(cfg, resume, run_name=run_name)
+    show_results(result, cfg)
+    return result
