@@ -17,7 +17,7 @@ from .config import HelpFormatter
 from .data import find_dataset, load_image
 from .persistence import input_side, resolve_model_dir
 from .predict import answer_logits, answer_settings, build_inference_transform, class_probabilities, load_model_for_inference
-from .inference import EXPORT_FORMATS, METADATA_KEY, _fail, export_metadata, load_exported, require_export_extra
+from .inference import EXPORT_FORMATS, METADATA_KEY, _fail, export_digest_path, export_metadata, load_exported, require_export_extra, write_export_digest
 
 # %% auto #0
 __all__ = ['ExportResult', 'export_torchscript', 'export_onnx', 'calibration_images', 'export_int8', 'default_export_path',
@@ -35,6 +35,7 @@ class ExportResult:
     top1_agreement: float|None = None # int8: share of check images whose top-1 class is unchanged
     baseline_size_bytes: int|None = None # int8: size of the fp32 ONNX file it was quantized from
     max_prob_diff: float|None = None  # max |Δ calibrated probability| against eager (each side's temperature and tta)
+    sha256: str|None = None           # the file's digest, also written beside it (`<file>.sha256`, checked on every load)
 
 def _cpu_eval_copy(model:nn.Module) -> nn.Module: return copy.deepcopy(model).cpu().eval()
 
@@ -53,15 +54,16 @@ def _answer_probs(forward:Callable, config:dict, xb:torch.Tensor) -> torch.Tenso
 # %% ../nbs/05c_export.ipynb #9fce39d4
 def _verified(path:Path, fmt:str, model:nn.Module, config:dict, atol:float) -> ExportResult:
     "Load `path` back, compare its logits and calibrated probabilities with `model`'s; delete the file and raise if either differs by more than `atol`."
+    digest = write_export_digest(path)   # recorded first: every load, this one included, checks it
     run, meta = load_exported(path)
     xb = _check_batch(config, 3, seed=1)
     d, dp = _max_abs_diff(run, model, xb), float((_answer_probs(run, meta, xb) - _answer_probs(model, config, xb)).abs().max())
     if not (d <= atol and dp <= atol):
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True); export_digest_path(path).unlink(missing_ok=True)
         raise RuntimeError(f"{fmt} export differs from eager PyTorch by max |Δ logits| = {d:.3g}, max |Δ calibrated probability| = {dp:.3g} "
                            f"(allowed {atol:g}); nothing was kept")
     assert meta['class_names'] == list(config['class_names'])
-    return ExportResult(path, fmt, path.stat().st_size, d, max_prob_diff=dp)
+    return ExportResult(path, fmt, path.stat().st_size, d, max_prob_diff=dp, sha256=digest)
 
 # %% ../nbs/05c_export.ipynb #b97f0c87
 def export_torchscript(model:nn.Module,   # the eager model
@@ -145,12 +147,13 @@ def export_int8(model:nn.Module, config:dict, output_path:str|Path,
         _quantize(fp32.path, out, [tf(load_image(im)).unsqueeze(0).numpy() for im in calibration])
     _save_onnx_with_metadata(out, export_metadata(config, format='int8', quantization=(
         f'onnxruntime static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(calibration)} images')))
+    digest = write_export_digest(out)
     run, meta = load_exported(out)
     xb = torch.stack([tf(load_image(im)) for im in (calibration if check_images is None else check_images)])
     with torch.inference_mode(): q, ref = run(xb), m(xb)
     pq, pref = _answer_probs(run, meta, xb), _answer_probs(m, config, xb)   # the answers as served (temperature, tta)
     agree = float((pq.argmax(1) == pref.argmax(1)).float().mean())
-    return ExportResult(out, 'int8', out.stat().st_size, float((q - ref).abs().max()), agree, fp32.size_bytes, float((pq - pref).abs().max()))
+    return ExportResult(out, 'int8', out.stat().st_size, float((q - ref).abs().max()), agree, fp32.size_bytes, float((pq - pref).abs().max()), digest)
 
 # %% ../nbs/05c_export.ipynb #eef95c2f
 _SUFFIXES = {'torchscript': '.torchscript.pt', 'onnx': '.onnx', 'int8': '.int8.onnx'}
@@ -193,7 +196,7 @@ def export_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
             if not a.output: out = out.with_name(out.name.replace('.', f'.pruned{round(100 * a.prune)}.', 1))
         r = _int8(model, mc, out, a) if a.format == 'int8' else {'torchscript': export_torchscript, 'onnx': export_onnx}[a.format](model, mc, out)
     except (FileNotFoundError, ValueError, RuntimeError) as e: return _fail('nutrilearn-export', e)
-    print(f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {r.format}); max |Δ logits| vs PyTorch = {r.max_abs_diff:.2e} (max |Δ calibrated probability| {r.max_prob_diff:.2e})")
+    print(f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {r.format}) and its sha256 {r.sha256[:16]}… to {export_digest_path(r.path).name}; max |Δ logits| vs PyTorch = {r.max_abs_diff:.2e} (max |Δ calibrated probability| {r.max_prob_diff:.2e})")
     if r.format == 'int8': print(f"int8: {r.size_bytes / r.baseline_size_bytes:.0%} of the fp32 ONNX size; top-1 unchanged on {r.top1_agreement:.1%} of the check photos (the test split when there is one)")
     return 0
 

@@ -16,15 +16,17 @@ from torch import nn
 
 from .config import DEVICES, HelpFormatter, default_tracking_uri, get_device
 from .data import BadImageError, RequestLimits, check_request, load_image
-from .persistence import input_side, load_model_config, load_saved_model, version_number
+from .persistence import atomic_write, input_side, load_model_config, load_saved_model, version_number
+from .data import file_digest
 from .mlflow_io import download_model_version, parse_model_ref   # parse_model_ref: importable from here as before
 from .feedback import FeedbackStore
 
 # %% auto #0
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'RECENT_ANSWERS', 'RECENT_BYTES', 'export_metadata', 'require_export_extra',
-           'load_exported', 'Prediction', 'Predictor', 'image_identity', 'prediction_record', 'check_weights', 'route',
-           'RoutedPredictor', 'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files',
-           'save_explanation', 'save_explanations', 'predict_main']
+           'export_digest_path', 'write_export_digest', 'verify_export', 'load_exported', 'Prediction', 'Predictor',
+           'image_identity', 'prediction_record', 'check_weights', 'route', 'RoutedPredictor', 'load_registered_model',
+           'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation', 'save_explanations',
+           'predict_main']
 
 # %% ../nbs/05_inference.ipynb #43afde4f
 # The exporters moved to the `export` module (05c_export); these names stay importable from here. A lazy alias, not a
@@ -71,12 +73,42 @@ def _onnx_session(path:Path, threads:int|None=None):
     if threads: so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
 
+def export_digest_path(path:str|Path) -> Path:
+    "The `sha256sum`-format file beside an export that records its digest: `model.onnx` -> `model.onnx.sha256`."
+    return Path(path).with_name(Path(path).name + '.sha256')
+
+def write_export_digest(path:str|Path) -> str:
+    "Record the sha256 of the exported file `path` beside it (`sha256sum -c` can check it); returns the digest."
+    p = Path(path); digest = file_digest(p)
+    atomic_write(export_digest_path(p), lambda f: f.write(f"{digest}  {p.name}\n".encode()), what='export digest')
+    return digest
+
+def verify_export(path:str|Path,
+                  sha256:str|None=None # the expected digest (default: the one recorded beside the file)
+                 ) -> str:
+    "The file's sha256 if it matches `sha256` (or its recorded digest); `ValueError` before anything is loaded otherwise."
+    p, side = Path(path), export_digest_path(path)
+    if sha256 is None and side.is_file(): sha256, where = side.read_text().split(maxsplit=1)[0] if side.read_text().strip() else '', side.name
+    else: where = 'the sha256 passed in'
+    if sha256 is None:
+        raise ValueError(f"{p} has no recorded digest ({side.name} is missing) and no sha256 was passed: an exported model is a program "
+                         f"(TorchScript and ONNX graphs run as they are), so it is loaded only when its digest is known. Export it with "
+                         f"nutrilearn-export (which writes {side.name}), pass sha256=..., or, for a file whose origin you trust, "
+                         f"record it with `sha256sum {p.name} > {side.name}`")
+    got = file_digest(p)
+    if got != sha256.strip().lower():
+        raise ValueError(f"{p} does not match {where}: sha256 {got[:16]}… instead of {sha256.strip()[:16]}…; the file changed after it "
+                         "was exported (or is another file): do not load it, export the model again with nutrilearn-export")
+    return got
+
 def load_exported(path:str|Path,            # a `.onnx` file or a TorchScript file
-                  threads:int|None=None     # ONNX Runtime intra-op threads
+                  threads:int|None=None,    # ONNX Runtime intra-op threads
+                  sha256:str|None=None      # expected digest (default: `path`'s `.sha256` file, written by the export)
                  ) -> tuple[Callable, dict]:
-    "A `run(batch) -> logits` function (CPU) and the metadata embedded in the exported file at `path`."
+    "A `run(batch) -> logits` function (CPU) and the metadata embedded in the exported file at `path`, after checking its sha256."
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"exported model {p} does not exist; create it with nutrilearn-export")
+    verify_export(p, sha256)
     if p.suffix == '.onnx':
         sess = _onnx_session(p, threads)
         raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -234,9 +266,10 @@ def _from_dir(cls, model_dir:str|Path, # a version folder or the output folder (
     return cls(model, mc, dev, tta=tta, feedback=feedback)
 
 def _from_export(cls, path:str|Path, # a `.onnx` or TorchScript file written by `nutrilearn-export`
-                 threads:int|None=None, tta:bool|None=None, feedback=None) -> Predictor:
+                 threads:int|None=None, tta:bool|None=None, feedback=None,
+                 sha256:str|None=None) -> Predictor: # expected digest (default: the `.sha256` file the export wrote beside it)
     "A CPU `Predictor` for an exported file (its metadata's temperature, threshold and tta)."
-    run, meta = load_exported(path, threads)
+    run, meta = load_exported(path, threads, sha256)
     return cls(run, meta, 'cpu', tta=tta, feedback=feedback)
 
 Predictor.from_dir, Predictor.from_export = classmethod(_from_dir), classmethod(_from_export)

@@ -223,6 +223,8 @@ def download_model_version(ref,            # see `parse_model_ref`
     try:
         with _use_tracking_uri(uri): local = Path(artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst), tracking_uri=uri))
     except (MlflowException, OSError) as e: raise _missing_files(name, version, uri, e) from None
+    if not any(p.is_file() for p in local.rglob('*')):   # MLflow returns an empty folder when the stored path does not exist
+        raise _missing_files(name, version, uri, FileNotFoundError(f"no files at the artifact location of {pinned}"))
     d = local/'artifacts' if (local/'artifacts').is_dir() else local
     if not (d/'model_config.json').is_file():
         raise ValueError(f"{pinned} has no model_config.json: it was logged as a pickled PyTorch module by an older release, which is not "

@@ -132,8 +132,11 @@ def build_inference_transform(config:dict # a `model_config.json` dict
                              ):
     "`data.build_val_transform` with the input and resize sizes of `config`."
     for k, ref in (('mean', IMAGENET_MEAN), ('std', IMAGENET_STD)):
-        v = config.get(k, ref)
-        if len(v) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(v, ref)):
+        v = ref if config.get(k) is None else config[k]   # absent or null: the ImageNet values the pipeline has always trained with
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)):
+            raise ValueError(f"model config {k} is {v!r}; it must be 3 numbers (the Normalize {k} of training, {list(ref)}); "
+                             "export the model again with nutrilearn-export from its model folder")
+        if any(abs(a - b) > 1e-6 for a, b in zip(v, ref)):
             raise ValueError(f"model config {k} {list(v)} differs from the {k} {list(ref)} that data.build_val_transform applies")
     return _val_transform(input_side(config), int(config.get('resize_size', 256)))
 

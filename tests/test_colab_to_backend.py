@@ -51,9 +51,11 @@ def test_moved_run_folder_resolves_after_reroot(tmp_path):
     assert 'model_config.json' in {f.name for f in files}
     assert MlflowClient(uri).get_run(run_id).info.artifact_uri.startswith(str(backend))
 
-    # the one-file path: copy the exported TorchScript anywhere and load it without the MLflow store
+    # the one-file path: copy the exported TorchScript (and the sha256 recorded beside it) anywhere; load it without the MLflow store
     exported, = (backend / 'outputs' / 'v1').glob('*.torchscript.pt')
     lone = tmp_path / 'server' / exported.name; lone.parent.mkdir(); shutil.copy(exported, lone)
+    with pytest.raises(ValueError, match='no recorded digest'): Predictor.from_export(lone)   # without its digest it is not loaded
+    shutil.copy(exported.with_name(exported.name + '.sha256'), lone.parent)
     shutil.rmtree(backend)
     top = Predictor.from_export(lone).predict(photo, top_k=3)
     assert [c for c, _ in top] == [c for c, _ in p.predict(photo, top_k=3)]

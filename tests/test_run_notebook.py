@@ -173,7 +173,8 @@ def test_notebook_in_browser(tmp_path, jupyterlab):
             page.locator('li[data-command="runmenu:run-all"]').click()
             train = page.locator('.jupyter-widgets button', has_text='Train')
             expect(train).to_be_visible(timeout=180_000)
-            expect(page.locator('.jupyter-widgets .widget-dropdown select')).to_have_value('mobilenet_v2')
+            expect(page.get_by_label('Backbone', exact=True)).to_have_value('mobilenet_v2')
+            expect(page.get_by_label('Recipe', exact=True)).to_be_visible()
             expect(page.locator('.jp-OutputArea-output pre', has_text='Press Train above to start.')).to_be_visible(timeout=120_000)
             train.click()
             # the results land in the form's output area: curves, then the confusion matrix, then predictions

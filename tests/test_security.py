@@ -469,3 +469,43 @@ def test_10_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_tr
         res, _ = quiet(fit, tiny(), *synth_loaders(), tiny_cfg(tmp_path, epochs=3), progress=False)
     assert [h['epoch'] for h in res['history']] == [1, 2, 3] and 2 in calls
     assert read_checkpoint(tmp_path/'ck'/'last.pth')['epoch'] == 3 and not list((tmp_path/'ck').glob('*.tmp'))
+
+
+# ---------------------------------------------------------------- 7: exported files are checked before they are loaded
+
+def _exported(tmp_path:Path, name='m.torchscript.pt', **cfg_changes):
+    from nutrilearn_train.export import export_torchscript
+    from nutrilearn_train.inference import load_model_for_inference
+    model, mc = load_model_for_inference(_tiny_model_dir(tmp_path/name.split('.')[0]), None, 'cpu')
+    return export_torchscript(model, {**mc, **cfg_changes}, tmp_path/name)
+
+
+def test_7_an_exported_file_changed_after_export_is_not_loaded(tmp_path):
+    from nutrilearn_train.inference import Predictor, export_digest_path, load_exported
+    r = _exported(tmp_path)
+    side = export_digest_path(r.path)
+    assert side.read_text() == f"{hashlib.sha256(r.path.read_bytes()).hexdigest()}  {r.path.name}\n" == f"{r.sha256}  {r.path.name}\n"
+    photo = _jpeg(size=(64, 48))
+    before = Predictor.from_export(r.path).predict(photo, top_k=3)
+    other = _exported(tmp_path, 'other.torchscript.pt', temperature=5.0)     # a valid export of another model, swapped in
+    shutil.copyfile(other.path, r.path)
+    with pytest.raises(ValueError, match='does not match m.torchscript.pt.sha256') as e: Predictor.from_export(r.path)
+    assert 'export the model again' in str(e.value)
+    shutil.copyfile(other.path, r.path); r.path.write_bytes(r.path.read_bytes()[:-1] + b'\0')   # one byte flipped
+    with pytest.raises(ValueError, match='does not match'): load_exported(r.path)
+    side.unlink()                                                             # no digest recorded at all
+    with pytest.raises(ValueError, match=r'no recorded digest .*sha256sum m.torchscript.pt > m.torchscript.pt.sha256'): load_exported(r.path)
+    shutil.copyfile(_exported(tmp_path, 'again.torchscript.pt').path, r.path)   # a digest passed by the caller is enough
+    again = Predictor.from_export(r.path, sha256=hashlib.sha256(r.path.read_bytes()).hexdigest()).predict(photo, top_k=3)
+    assert [c for c, _ in again] == [c for c, _ in before]
+    with pytest.raises(ValueError, match='does not match the sha256 passed in'): Predictor.from_export(r.path, sha256='0' * 64)
+
+
+def test_7_an_export_without_mean_and_std_gets_the_pipeline_normalisation_or_a_clear_error(tmp_path):
+    from nutrilearn_train.inference import Predictor
+    photo = _jpeg(size=(64, 48))
+    full = Predictor.from_export(_exported(tmp_path).path).predict(photo, top_k=3)
+    bare = Predictor.from_export(_exported(tmp_path, 'bare.torchscript.pt', mean=None, std=None).path)   # was: TypeError: len(None)
+    assert bare.predict(photo, top_k=3) == full   # None means what a missing key means: the ImageNet values training normalised with
+    with pytest.raises(ValueError, match=r"model config mean is 'zero'; it must be 3 numbers"):
+        Predictor.from_export(_exported(tmp_path, 'odd.torchscript.pt', mean='zero').path)

@@ -98,7 +98,11 @@ def test_outage_journals_then_replay_delivers_everything(mlflow_server, tmp_path
     journal = tmp_path/'ck/mlflow_journal.jsonl'
     assert journal.is_file() and 'unreachable' in r.stderr, r.stderr[-2000:]
     ops = [json.loads(l)['op'] for l in journal.read_text().splitlines() if l.strip()]
-    assert ops.count('metrics') == 3 and 'params' in ops and ops.count('artifact') == 9 and 'model' in ops and 'dataset' in ops, ops
+    recs = [json.loads(l) for l in journal.read_text().splitlines() if l.strip()]
+    logged = [set(r['metrics']) for r in recs if r['op'] == 'metrics']   # 2 epochs, the calibration on validation, the test split
+    assert len(logged) == 4 and sum('val_accuracy' in m for m in logged) == 2 and {'temperature', 'uncertainty_threshold'} <= logged[2], logged
+    assert any(k.startswith('test_') for k in logged[3]), logged[3]
+    assert 'params' in ops and ops.count('artifact') == 9 and 'model' in ops and 'dataset' in ops, ops
     names = {Path(json.loads(l).get('path') or json.loads(l).get('file') or '').name for l in journal.read_text().splitlines() if l.strip()}
     assert {'misclassified.png', 'top_losses.png', 'confusion_matrix.png'} <= names, names   # the evaluation's pictures are journalled too
     proxy.start()
