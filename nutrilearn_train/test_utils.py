@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from PIL import Image
 
 from .config import TrainingConfig
-from .data import make_loader
+from .data import IMAGENET_MEAN, IMAGENET_STD, make_loader
 
 # %% auto #0
-__all__ = ['tiny', 'synth', 'synth_loaders', 'tiny_cfg', 'quiet', 'run_cli', 'metrics_only']
+__all__ = ['COLOURS', 'tiny', 'synth', 'synth_loaders', 'tiny_cfg', 'quiet', 'run_cli', 'metrics_only', 'colour_photo',
+           'ColourModel', 'colour_model']
 
 # %% ../nbs/01b_test_utils.ipynb #a301ef5a
 def tiny(seed:int=0) -> nn.Module:
@@ -54,3 +56,21 @@ def run_cli(main, argv:list) -> tuple:
 def metrics_only(history:list) -> list:
     "Epoch records without their wall-clock time: what must match between two runs."
     return [{k: v for k, v in r.items() if k != 'epoch_time'} for r in history]
+
+# %% ../nbs/01b_test_utils.ipynb #9b7eb6a7
+COLOURS = dict(apple_pie=(200, 160, 80), pizza=(220, 40, 30), chai=(150, 90, 40), momos=(235, 235, 225), samosa=(40, 160, 40))
+
+def colour_photo(label:str, i:int, size=(24, 16)) -> bytes:
+    "A JPEG of `label`'s colour, with `i` in its comment (distinct bytes for distinct `i`)."
+    b = io.BytesIO(); Image.new('RGB', size, COLOURS[label]).save(b, 'JPEG', quality=95, comment=f'{label} {i}'.encode()); return b.getvalue()
+
+class ColourModel(nn.Module):
+    "Logits: minus the distance of the image's mean colour to each class's colour (normalised as training does)."
+    def __init__(self, classes):
+        super().__init__(); rgb = torch.tensor([COLOURS[c] for c in classes], dtype=torch.float) / 255
+        self.register_buffer('protos', (rgb - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+    def forward(self, x): return -torch.cdist(x.mean((2, 3)), self.protos)
+
+def colour_model(classes) -> tuple:
+    "`(ColourModel, its model_config dict)` for `classes`."
+    return ColourModel(classes), dict(class_names=list(classes), model_name='colour', input_size=[32, 32], resize_size=32)
