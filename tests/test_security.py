@@ -431,6 +431,19 @@ def test_10_a_full_disk_while_journalling_warns_and_training_goes_on(tmp_path, m
     assert [h['epoch'] for h in res['history']] == [1, 2] and (tmp_path/'ck'/'last.pth').is_file()
 
 
+def test_10_a_full_disk_under_the_prediction_log_costs_log_lines_not_answers(tmp_path):
+    "The log is /dev/full, where every write fails with ENOSPC as on a full disk: the answers come back, with a warning."
+    from nutrilearn_train.inference import Predictor
+    if not os.path.exists('/dev/full'): pytest.skip('/dev/full (Linux) is needed to fill a disk without filling one')
+    d, photo = _tiny_model_dir(tmp_path/'m'), _jpeg(size=(64, 48))
+    ok, full = Predictor.from_dir(d, device='cpu'), Predictor.from_dir(d, device='cpu')
+    ok.log_path, full.log_path = tmp_path/'log.jsonl', Path('/dev/full')
+    with pytest.warns(UserWarning, match=r"could not write 1 prediction log line\(s\) to /dev/full .*No space left on device.*free space in /dev"):
+        got = full.predict(photo, top_k=3)
+    assert got == ok.predict(photo, top_k=3) and got.prediction_id
+    assert len((tmp_path/'log.jsonl').read_text().splitlines()) == 1
+
+
 # ---------------------------------------------------------------- 13: a study on SQLite does not lose a trial to "database is locked"
 
 def test_13_a_tune_study_on_sqlite_waits_for_a_busy_database(tmp_path):
