@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_inference.ipynb #04e59712
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, sys, tempfile, threading, time, uuid, warnings
+import argparse, hashlib, importlib, io, json, os, sys, tempfile, threading, time, uuid, warnings
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,18 +15,17 @@ import torch
 from torch import nn
 
 from .config import DEVICES, HelpFormatter, default_tracking_uri, get_device
-from .data import BadImageError, RequestLimits, check_request, load_image
+from .data import BadImageError, RequestLimits, check_request, file_digest, load_image
 from .persistence import atomic_write, input_side, load_model_config, load_saved_model, version_number
-from .data import file_digest
 from .mlflow_io import download_model_version, parse_model_ref   # parse_model_ref: importable from here as before
 from .feedback import FeedbackStore
 
 # %% auto #0
 __all__ = ['METADATA_KEY', 'EXPORT_FORMATS', 'RECENT_ANSWERS', 'RECENT_BYTES', 'export_metadata', 'require_export_extra',
-           'export_digest_path', 'write_export_digest', 'verify_export', 'load_exported', 'Prediction', 'Predictor',
-           'image_identity', 'prediction_record', 'check_weights', 'route', 'RoutedPredictor', 'load_registered_model',
-           'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation', 'save_explanations',
-           'predict_main']
+           'export_digest_path', 'write_export_digest', 'read_verified_export', 'load_exported', 'Prediction',
+           'Predictor', 'image_identity', 'prediction_record', 'check_weights', 'route', 'RoutedPredictor',
+           'load_registered_model', 'EnsembleForward', 'load_predictor', 'predict_files', 'save_explanation',
+           'save_explanations', 'predict_main']
 
 # %% ../nbs/05_inference.ipynb #43afde4f
 # The exporters moved to the `export` module (05c_export); these names stay importable from here. A lazy alias, not a
@@ -65,13 +64,13 @@ def require_export_extra(fmt:str='onnx'):
                          'install them with: pip install "nutrilearn_train[export]"') from None
 
 # %% ../nbs/05_inference.ipynb #2a57f771
-def _onnx_session(path:Path, threads:int|None=None):
+def _onnx_session(model:Path|bytes, threads:int|None=None):   # a file or its bytes
     require_export_extra('onnx')
     import onnxruntime as ort  # the `export` extra
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads: so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=['CPUExecutionProvider'])
 
 def export_digest_path(path:str|Path) -> Path:
     "The `sha256sum`-format file beside an export that records its digest: `model.onnx` -> `model.onnx.sha256`."
@@ -83,23 +82,23 @@ def write_export_digest(path:str|Path) -> str:
     atomic_write(export_digest_path(p), lambda f: f.write(f"{digest}  {p.name}\n".encode()), what='export digest')
     return digest
 
-def verify_export(path:str|Path,
-                  sha256:str|None=None # the expected digest (default: the one recorded beside the file)
-                 ) -> str:
-    "The file's sha256 if it matches `sha256` (or its recorded digest); `ValueError` before anything is loaded otherwise."
+def read_verified_export(path:str|Path,
+                         sha256:str|None=None # the expected digest (default: the one recorded beside the file)
+                        ) -> bytes:
+    "The bytes of the exported file `path` if their sha256 matches `sha256` (or the recorded digest); `ValueError` otherwise."
     p, side = Path(path), export_digest_path(path)
-    if sha256 is None and side.is_file(): sha256, where = side.read_text().split(maxsplit=1)[0] if side.read_text().strip() else '', side.name
-    else: where = 'the sha256 passed in'
+    where = 'the sha256 passed in' if sha256 is not None else side.name
+    if sha256 is None and side.is_file(): sha256 = (side.read_text().split() or [''])[0]
     if sha256 is None:
         raise ValueError(f"{p} has no recorded digest ({side.name} is missing) and no sha256 was passed: an exported model is a program "
                          f"(TorchScript and ONNX graphs run as they are), so it is loaded only when its digest is known. Export it with "
                          f"nutrilearn-export (which writes {side.name}), pass sha256=..., or, for a file whose origin you trust, "
                          f"record it with `sha256sum {p.name} > {side.name}`")
-    got = file_digest(p)
-    if got != sha256.strip().lower():
+    data = p.read_bytes()   # hashed and loaded from the same bytes: the file cannot change in between
+    if (got := hashlib.sha256(data).hexdigest()) != sha256.strip().lower():
         raise ValueError(f"{p} does not match {where}: sha256 {got[:16]}… instead of {sha256.strip()[:16]}…; the file changed after it "
                          "was exported (or is another file): do not load it, export the model again with nutrilearn-export")
-    return got
+    return data
 
 def load_exported(path:str|Path,            # a `.onnx` file or a TorchScript file
                   threads:int|None=None,    # ONNX Runtime intra-op threads
@@ -108,16 +107,16 @@ def load_exported(path:str|Path,            # a `.onnx` file or a TorchScript fi
     "A `run(batch) -> logits` function (CPU) and the metadata embedded in the exported file at `path`, after checking its sha256."
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"exported model {p} does not exist; create it with nutrilearn-export")
-    verify_export(p, sha256)
+    data = read_verified_export(p, sha256)
     if p.suffix == '.onnx':
-        sess = _onnx_session(p, threads)
+        sess = _onnx_session(data, threads)
         raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         run = lambda xb: torch.from_numpy(sess.run(['logits'], {'input': xb.detach().cpu().numpy()})[0])
     else:
         extra = {METADATA_KEY: ''}
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', FutureWarning)  # TorchScript is deprecated in torch 2.14 but works
-            try: m = torch.jit.load(str(p), map_location='cpu', _extra_files=extra)
+            try: m = torch.jit.load(io.BytesIO(data), map_location='cpu', _extra_files=extra)
             except RuntimeError as e: raise ValueError(f"{p} is neither ONNX (.onnx) nor TorchScript: {str(e).splitlines()[0]}") from None
         raw = extra[METADATA_KEY]
         run = lambda xb: m(xb.cpu()).float()
