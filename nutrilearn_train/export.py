@@ -171,7 +171,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default=None, help='output file (default: next to the weights in the model dir)')
     p.add_argument('--calibration-dir', default=None, help="int8: dataset whose training photos calibrate (default: the model's data_dir)")
     p.add_argument('--calibration-images', type=int, default=64, help='int8: how many calibration photos')
-    p.add_argument('--prune', type=float, default=None, metavar='AMOUNT', help='first prune this share of conv/linear weights (global L1 magnitude), e.g. 0.5')
+    p.add_argument('--prune', type=float, default=None, metavar='AMOUNT', help='first prune this share of each conv/linear layer\'s weights (L1 magnitude, the classifier head stays dense), e.g. 0.3')
     p.add_argument('--prune-epochs', type=int, default=0, help='--prune: fine-tune this many epochs on the training photos, masks held')
     p.add_argument('--prune-data-dir', default=None, help="--prune: photos for fine-tuning and the test top-1 (default: the model's data_dir)")
     return p
@@ -202,16 +202,19 @@ def export_main(argv:list|None=None # arguments (default: `sys.argv[1:]`)
 
 # %% ../nbs/05c_export.ipynb #0f5062c8
 def _prunable(model:nn.Module) -> list:
-    return [(m, 'weight') for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    "`(layer, 'weight')` for every conv and linear layer except the classifier head (the last linear layer)."
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(layers) > 1 and isinstance(layers[-1], nn.Linear): layers = layers[:-1]
+    return [(m, 'weight') for m in layers]
 
 def prune_model(model:nn.Module, # pruned in place
-                amount:float     # share of all conv/linear weights set to zero, in (0, 1)
+                amount:float     # share of each layer's weights set to zero, in (0, 1)
                ) -> nn.Module:
-    "Global L1 magnitude pruning of conv and linear weights; the masks stay (call `make_pruning_permanent`)."
+    "Layer-wise L1 magnitude pruning of the conv and linear weights (the head stays dense); the masks stay (call `make_pruning_permanent`)."
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
         raise ValueError(f"prune amount must be a fraction in (0, 1), e.g. 0.5 for half the weights; got {amount!r}")
     from torch.nn.utils import prune
-    prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured, amount=float(amount))
+    for m, name in _prunable(model): prune.l1_unstructured(m, name, amount=float(amount))
     return model
 
 def make_pruning_permanent(model:nn.Module) -> nn.Module:
@@ -223,7 +226,7 @@ def make_pruning_permanent(model:nn.Module) -> nn.Module:
 
 # %% ../nbs/05c_export.ipynb #451a9ef2
 def weight_sparsity(model:nn.Module) -> float:
-    "Share of conv and linear weights that are exactly zero."
+    "Share of the prunable weights (conv and linear, the head excepted) that are exactly zero."
     ws = [getattr(m, n) for m, n in _prunable(model)]
     return sum(int((w == 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
 
@@ -262,7 +265,7 @@ def prune_for_export(model:nn.Module, mc:dict, amount:float,
                      epochs:int=0,           # fine-tuning epochs with the mask held
                      data_dir:str|Path|None=None # default: the run's data_dir
                     ) -> tuple[nn.Module, dict]:
-    "`(pruned model, report)`: sparsity, gzip size and test top-1 before and after pruning `amount` (global L1)."
+    "`(pruned model, report)`: sparsity, gzip size and test top-1 before and after pruning `amount` (layer-wise L1)."
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0: raise ValueError(f"prune epochs must be an integer >= 0, got {epochs!r}")
     data_dir = data_dir or (mc.get('training_config') or {}).get('data_dir')
     if data_dir and find_dataset(data_dir) is None: data_dir = None
@@ -278,7 +281,7 @@ def prune_for_export(model:nn.Module, mc:dict, amount:float,
 def pruning_table(r:dict) -> str:
     "The report of `prune_for_export` as a small table."
     top1 = lambda x: 'n/a' if x is None else f"{x:.1%}"
-    rows = [f"pruning: {r['amount']:.0%} of conv/linear weights (global L1)" + (f", fine-tuned {r['epochs']} epoch(s)" if r['epochs'] else ''),
+    rows = [f"pruning: {r['amount']:.0%} of each conv/linear layer's weights (L1, head dense)" + (f", fine-tuned {r['epochs']} epoch(s)" if r['epochs'] else ''),
             f"{'':8}{'sparsity':>10}{'gzip size':>12}{'test top-1':>12}"]
     for k in ('before', 'after'): rows.append(f"{k:8}{r[k]['sparsity']:>10.1%}{r[k]['gzip_bytes'] / 1e6:>9.2f} MB{top1(r[k]['top1']):>12}")
     return '\n'.join(rows)
