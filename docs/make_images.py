@@ -1,9 +1,9 @@
-"""Regenerate the README's sample pictures in docs/img/ from a briefly trained model on food-101-mini (CPU, ≈ 3 min).
+"""Regenerate the README's sample pictures in docs/img/ from a model fine-tuned on food-101-mini (CPU, ≈ 3 min).
 
-Run from the repository root: `python docs/make_images.py`. Trains mobilenet_v2 from scratch (no download) for a few epochs
-into a temporary folder, then keeps the top-losses gallery, one `nutrilearn-predict --explain` picture and the
-`nutrilearn-mine` contact sheet, each checked to stay under 200 KB. The model is weak on purpose (minutes of CPU): the
-pictures show what the commands write, not a good classifier.
+Run from the repository root: `python docs/make_images.py`. Fine-tunes mobilenet_v2 from the real ImageNet weights in
+../shared/weights (the recommended recipe of docs/quality.md, 3 epochs) into a temporary folder, then keeps the
+top-losses gallery, one `nutrilearn-predict --explain` picture and the `nutrilearn-mine` contact sheet, each checked to
+stay under 200 KB.
 """
 import os, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI, OUT, BIN = ROOT.parent/'shared/data/food-101-mini', ROOT/'docs/img', Path(sys.executable).parent
+WEIGHTS = ROOT.parent/'shared/weights/mobilenet_v2_imagenet.pth'
 ENV = {**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'}
 
 
@@ -35,8 +36,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        run(BIN/'nutrilearn-train', '--data-dir', MINI, '--no-pretrained', '--max-per-class', '30', '--epochs', '3', '--num-workers', '0',
-            '--batch-size', '16', '--device', 'cpu', '--checkpoint-dir', d/'ck', '--output-dir', d/'out',
+        run(BIN/'nutrilearn-train', '--data-dir', MINI, '--weights-path', WEIGHTS, '--freeze-epochs', '1', '--freeze-layers', '0',
+            '--layer-decay', '0.7', '--epochs', '3', '--num-workers', '0', '--batch-size', '32', '--seed', '0', '--device', 'cpu', '--checkpoint-dir', d/'ck', '--output-dir', d/'out',
             '--tracking-uri', f'sqlite:///{d}/mlflow.db', '--experiment-name', 'readme')
         keep(d/'out/v1/top_losses.png', 'top_losses.png', 760)
         photo = MINI/'food-101/images'/(((MINI/'food-101/meta/test.txt').read_text().split()[0]) + '.jpg')   # a held-out photo
